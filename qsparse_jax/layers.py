@@ -1,0 +1,231 @@
+"""Flax NNX layers of a Q-Sparse transformer: SparseLinear, GLU feed-forward, attention, RMSNorm, RoPE.
+
+Every projection sees its input through a `SparsityConfig` (method.md §1): the four sites are the shared q/k/v input,
+the output-projection input, the shared gate/up input and the down-projection input, each with its own sparsity.
+Shared sites are sparsified once and feed their projections (one selection for q, k and v). Parameters carry logical
+axis names ("embed", "mlp", "heads", "kv_heads") as `out_sharding` metadata; `sharding.py` maps them onto a mesh.
+
+Shapes: B batch, T query time, S key time, D model, N query heads, G query heads per kv head, H kv heads, K head dim,
+F feed-forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qsparse_jax.sparsity import SparsityConfig, sparsify, ternarize
+
+DENSE = SparsityConfig()
+
+
+def _logical(axes: tuple[str | None, ...]) -> dict:
+  # Logical names only; no mesh is needed to build a layer. Shardings are applied under jit (sharding.py).
+  return {"out_sharding": axes, "eager_sharding": False}
+
+
+def site_kwargs(cfg: SparsityConfig) -> dict:
+  """SparseLinear keyword arguments that reproduce a site config."""
+  return dataclasses.asdict(cfg)
+
+
+class SparseLinear(nnx.Linear):
+  """A drop-in `nnx.Linear` whose input is top-K sparsified per token: y = (x ⊙ M) W + b (method.md §1).
+
+  Takes every argument of `nnx.Linear` (and is one), plus:
+    sparsity: S in [0, 1), the fraction of input entries zeroed per token; 0 makes it exactly nnx.Linear.
+    gradient: "ste" (straight-through, method.md §2) or "masked".
+    block: (n, m) for Block Q-Sparse (method.md §5) instead of plain top-K.
+    act_bits: per-token absmax fake quantization of the input to this many bits (8 in the paper, method.md §4);
+      the mask is taken from |x| before quantization.
+    ternary_weights: BitNet b1.58 absmean ternary fake quantization of the kernel (method.md §4).
+    l2_rescale: see `topk_sparsify`.
+    kernel_axes: logical axis names of the [in, out] kernel, default ("embed", "mlp"); the bias gets the second.
+
+  Input [..., in_features] -> output [..., out_features]. Parameters are `kernel` [in, out] and `bias` [out], named
+  as in nnx.Linear, so state moves between the two unchanged.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, sparsity: float = 0.0, gradient: str = "ste",
+               block: tuple[int, int] | None = None, act_bits: int | None = None, ternary_weights: bool = False,
+               l2_rescale: bool = False, kernel_axes: tuple[str | None, str | None] = ("embed", "mlp"),
+               rngs: nnx.Rngs, **linear_kwargs):
+    site = SparsityConfig(sparsity=sparsity, gradient=gradient, block=tuple(block) if block else None,
+                          act_bits=act_bits, l2_rescale=l2_rescale)
+    linear_kwargs.setdefault("kernel_metadata", _logical(tuple(kernel_axes)))
+    linear_kwargs.setdefault("bias_metadata", _logical((kernel_axes[1],)))
+    super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
+    if site.block is not None and in_features % site.block[1]:
+      raise ValueError(f"block m={site.block[1]} must divide in_features={in_features}")
+    self.site = site
+    self.ternary_weights = ternary_weights
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    x = sparsify(inputs, self.site)
+    kernel = self.kernel[...]
+    if self.ternary_weights:
+      kernel = ternarize(kernel)
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+    kwargs = {"out_sharding": out_sharding}
+    if self.preferred_element_type is not None:
+      kwargs["preferred_element_type"] = self.preferred_element_type
+    y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision, **kwargs)
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x²) + eps) · scale over the last axis, computed in float32 (Llama's RMSNorm)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    del rngs  # no random state; accepted for a uniform constructor
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **_logical(("embed",)))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    return y.astype(self.dtype or x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
+  """Inverse frequencies theta^(−2i/K), i < K/2, float32 [K/2]."""
+  if head_dim % 2:
+    raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x_btnk: jax.Array, positions_bt: jax.Array, inv_freq_k: jax.Array) -> jax.Array:
+  """Rotary position embedding in the rotate-half layout of Llama/Hugging Face.
+
+  x_btnk: [B, T, N, K]; positions_bt: [B, T] integer positions; inv_freq_k: [K/2]. Returns x's shape and dtype.
+  """
+  angles_btk = positions_bt[..., None].astype(jnp.float32) * inv_freq_k
+  cos = jnp.cos(angles_btk)[:, :, None, :]
+  sin = jnp.sin(angles_btk)[:, :, None, :]
+  x1, x2 = jnp.split(x_btnk.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_btnk.dtype)
+
+
+def causal_attention(q_btnk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, mask_bts: jax.Array) -> jax.Array:
+  """softmax(q kᵀ / sqrt(K) + mask) v with grouped-query heads (N = H·G), softmax in float32.
+
+  q: [B, T, N, K]; k, v: [B, S, H, K]; mask_bts: [B, T, S] bool, True where query t may attend to key s.
+  Returns [B, T, N, K]. Not sparsified (method.md §1: QKᵀ and softmax·V stay dense).
+  """
+  b, t, n, kd = q_btnk.shape
+  h = k_bshk.shape[2]
+  if n % h:
+    raise ValueError(f"query heads N={n} must be a multiple of kv heads H={h}")
+  q_bthgk = q_btnk.reshape(b, t, h, n // h, kd)
+  logits = jnp.einsum("bthgk,bshk->bhgts", q_bthgk, k_bshk, preferred_element_type=jnp.float32)
+  logits = logits * (kd ** -0.5)
+  logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bshk.dtype)
+  out = jnp.einsum("bhgts,bshk->bthgk", probs, v_bshk)
+  return out.reshape(b, t, n, kd)
+
+
+def causal_mask(positions_bt: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
+  """[B, T, T] bool: key s visible to query t when s <= t (by position) and, if given, in the same segment."""
+  mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
+  if segment_ids_bt is not None:
+    mask &= segment_ids_bt[:, None, :] == segment_ids_bt[:, :, None]
+  return mask
+
+
+class Attention(nnx.Module):
+  """Causal multi-head (optionally grouped-query) attention with RoPE and two Q-Sparse sites (method.md §1).
+
+  The input x is sparsified once by `qkv_site` and feeds q, k and v; the attention output is sparsified by `out_site`
+  inside the output projection. qkv_bias adds biases to q/k/v (Qwen2).
+
+  __call__(x_btd, positions_bt, segment_ids_bt=None) -> [B, T, D].
+  """
+
+  def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
+               qkv_site: SparsityConfig = DENSE, out_site: SparsityConfig = DENSE, qkv_bias: bool = False,
+               rope_theta: float = 10000.0, ternary_weights: bool = False, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    num_kv_heads = num_kv_heads or num_heads
+    head_dim = head_dim or d_model // num_heads
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    common = dict(ternary_weights=ternary_weights, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = SparseLinear(d_model, num_heads * head_dim, use_bias=qkv_bias, kernel_axes=("embed", "heads"),
+                               **common)
+    self.k_proj = SparseLinear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias,
+                               kernel_axes=("embed", "kv_heads"), **common)
+    self.v_proj = SparseLinear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias,
+                               kernel_axes=("embed", "kv_heads"), **common)
+    self.o_proj = SparseLinear(num_heads * head_dim, d_model, use_bias=False, kernel_axes=("heads", "embed"),
+                               **site_kwargs(out_site), **common)
+    self.qkv_site = qkv_site
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.rope_theta = rope_theta
+
+  def project_qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
+    """Sparsify x once (the q/k/v site) and return RoPE'd q [B,T,N,K], k [B,T,H,K] and v [B,T,H,K]."""
+    b, t, _ = x_btd.shape
+    xs_btd = sparsify(x_btd, self.qkv_site)
+    q = self.q_proj(xs_btd).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+    inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
+    return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
+
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    b, t, _ = x_btd.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    q, k, v = self.project_qkv(x_btd, positions_bt)
+    out_btnk = causal_attention(q, k, v, causal_mask(positions_bt, segment_ids_bt))
+    return self.o_proj(out_btnk.reshape(b, t, self.num_heads * self.head_dim))
+
+
+Activation = Literal["relu2", "silu"]
+
+
+def glu_activation(gate: jax.Array, name: Activation) -> jax.Array:
+  """ReLU(g)² (ReLU²GLU, method.md §3, for training from scratch) or SiLU(g) (SwiGLU, for pretrained models)."""
+  if name == "relu2":
+    return jnp.square(jax.nn.relu(gate))
+  if name == "silu":
+    return jax.nn.silu(gate)
+  raise ValueError(f"activation must be 'relu2' or 'silu', got {name!r}")
+
+
+class GLUFeedForward(nnx.Module):
+  """GLU feed-forward with two Q-Sparse sites: down(act(gate(x̃)) ⊙ up(x̃)), x̃ = x sparsified (method.md §1, §3).
+
+  `in_site` sparsifies the shared input of gate and up once; `down_site` sparsifies the GLU product (after the
+  activation, as method.md §1 prescribes for SiLU models) inside the down projection.
+
+  __call__(x_btd) -> [..., D]; hidden width F = d_ff.
+  """
+
+  def __init__(self, d_model: int, d_ff: int, *, activation: Activation = "relu2", in_site: SparsityConfig = DENSE,
+               down_site: SparsityConfig = DENSE, ternary_weights: bool = False, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    glu_activation(jnp.zeros(()), activation)  # validate the name now
+    common = dict(use_bias=False, ternary_weights=ternary_weights, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = SparseLinear(d_model, d_ff, kernel_axes=("embed", "mlp"), **common)
+    self.up_proj = SparseLinear(d_model, d_ff, kernel_axes=("embed", "mlp"), **common)
+    self.down_proj = SparseLinear(d_ff, d_model, kernel_axes=("mlp", "embed"), **site_kwargs(down_site), **common)
+    self.in_site = in_site
+    self.activation = activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xs = sparsify(x, self.in_site)
+    hidden = glu_activation(self.gate_proj(xs), self.activation) * self.up_proj(xs)
+    return self.down_proj(hidden)

@@ -1,0 +1,168 @@
+"""Exact per-row top-K selection by threshold search (the fast path behind `topk_mask`).
+
+Q-Sparse keeps, for every token, the K entries of largest magnitude (method.md §1, M = Topk(|X|)). Sorting every row,
+which is what `jax.lax.top_k` does on the CPU, costs more than the matmul the sparse activations feed. Selection only
+needs two numbers per row:
+
+    tau_r   the K-th largest magnitude of row r,
+    last_r  the index of the last entry equal to tau_r that is still kept (ties: the lower index wins),
+
+after which the mask is the elementwise expression
+
+    M[r, d] = |x[r, d]| > tau_r  or  (|x[r, d]| == tau_r and d <= last_r).
+
+`row_thresholds` finds both by bisection over the bits of |x| (read as integers, the order of non-negative floats is
+the order of their bit patterns), in three exact levels:
+
+    1. the upper 16 bits of the K-th largest key, bisecting over the range the row spans;
+    2. the lower 16 bits, among the entries that share those upper bits (skipped for bfloat16/float16 inputs, whose
+       float32 bit patterns end in zeros);
+    3. only if the K-th magnitude is tied: the index of the last tie kept, by bisection over positions.
+
+Each bisection step is one counting pass over a block of rows. The passes use plain float arithmetic on small
+integers (exact below 2**24) because XLA:CPU vectorizes those reductions and not compare-and-select ones, and on the
+CPU the rows are processed in cache-sized blocks so every pass reads from cache. The result is bit-identical to a
+stable sort by descending magnitude; `jax.lax.top_k` remains the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Rows per block on the CPU: 128 rows of 4096 float32 keys (two float32 copies) stay within L2 + L3 of a core.
+CPU_BLOCK_BYTES = 2 * 1024 * 1024
+
+
+def _ge(values, threshold):
+  """1.0 where values >= threshold else 0.0, for integer-valued float32 operands (exact below 2**24)."""
+  return jnp.minimum(jnp.maximum(values - threshold + 1.0, 0.0), 1.0)
+
+
+def _eq(values, target):
+  """1.0 where values == target else 0.0, for integer-valued float32 operands."""
+  return jnp.maximum(1.0 - jnp.abs(values - target), 0.0)
+
+
+def _bisect(values_rd, need_r, lo_r, hi_r, num_steps):
+  """Largest t in [lo_r, hi_r] with count(values_rd >= t) >= need_r, per row.
+
+  values_rd holds integer-valued float32; lo_r must satisfy the condition. num_steps may be a traced scalar.
+  """
+
+  def step(_, lo_hi):
+    lo, hi = lo_hi
+    mid = jnp.floor((lo + hi + 1.0) * 0.5)
+    ok = jnp.sum(_ge(values_rd, mid[:, None]), axis=-1) >= need_r
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1.0)
+
+  lo, _ = lax.fori_loop(0, num_steps, step, (lo_r, hi_r))
+  return lo
+
+
+def _num_steps(span_r):
+  """Bisection steps that shrink the widest [lo, hi] of the block (span = hi - lo) to one value."""
+  widest = jnp.max(span_r).astype(jnp.int32)
+  return 32 - lax.clz(widest)
+
+
+def _block_thresholds(a_rd, k: int, low_bits_zero: bool):
+  """Thresholds of one block of rows. a_rd: [R, D] float32 magnitudes. Returns (tau_r f32, last_r i32)."""
+  num_rows, dim = a_rd.shape
+  key_rd = lax.bitcast_convert_type(a_rd, jnp.int32)  # order of |x| == order of its bits
+  upper_rd = (key_rd >> 16).astype(jnp.float32)
+  k_f = jnp.float32(k)
+
+  # Level 1: upper 16 bits of the K-th largest key. count(hi >= min) = D >= K, so the row minimum is a valid lo.
+  lo_r, top_r = jnp.min(upper_rd, axis=-1), jnp.max(upper_rd, axis=-1)
+  tau_upper_r = _bisect(upper_rd, k_f, lo_r, top_r, _num_steps(top_r - lo_r))
+  in_bin_rd = _eq(upper_rd, tau_upper_r[:, None])
+  above_bin_r = jnp.sum(_ge(upper_rd, tau_upper_r[:, None] + 1.0), axis=-1)
+
+  if low_bits_zero:
+    tau_lower_r = jnp.zeros((num_rows,), jnp.float32)
+    at_tau_rd = in_bin_rd
+  else:
+    # Level 2: lower 16 bits, among entries in the upper-bits bin; the others are parked at -1 (never counted).
+    lower_rd = (key_rd & 0xFFFF).astype(jnp.float32)
+    lower_in_bin_rd = in_bin_rd * (lower_rd + 1.0) - 1.0
+    tau_lower_r = _bisect(lower_in_bin_rd, k_f - above_bin_r, jnp.zeros((num_rows,)),
+                       jnp.full((num_rows,), 65535.0), 16)
+    at_tau_rd = _eq(lower_in_bin_rd, tau_lower_r[:, None])
+
+  tau_key_r = (tau_upper_r.astype(jnp.int32) << 16) | tau_lower_r.astype(jnp.int32)
+  tau_r = lax.bitcast_convert_type(tau_key_r, jnp.float32)
+  # Entries strictly above tau are all kept; keep_ties of the entries equal to tau fill the rest.
+  above_tau_r = above_bin_r
+  if not low_bits_zero:
+    above_tau_r += jnp.sum(_ge(lower_in_bin_rd, tau_lower_r[:, None] + 1.0), axis=-1)
+  keep_ties_r = k_f - above_tau_r
+  ties_r = jnp.sum(at_tau_rd, axis=-1)
+
+  # Level 3 (ties only): the position of the keep_ties-th entry equal to tau, counting from the left.
+  def last_kept_tie(_):
+    pos_rd = lax.broadcasted_iota(jnp.float32, (num_rows, dim), 1)
+    # Positions of ties, reversed so that "count(values >= t) >= need" counts ties at positions <= dim - 1 - t.
+    rev_rd = at_tau_rd * (dim - pos_rd) - 1.0
+    t = _bisect(rev_rd, keep_ties_r, jnp.zeros((num_rows,)), jnp.full((num_rows,), float(dim - 1)),
+                max(1, (dim - 1).bit_length()))
+    return (dim - 1 - t).astype(jnp.int32)
+
+  has_ties = jnp.any(ties_r > keep_ties_r)
+  last_r = lax.cond(has_ties, last_kept_tie, lambda _: jnp.full((num_rows,), dim - 1, jnp.int32), None)
+  return tau_r, last_r
+
+
+def _rows_per_block(num_rows: int, dim: int) -> int:
+  rows = max(8, CPU_BLOCK_BYTES // (8 * dim))
+  return min(num_rows, 1 << (rows.bit_length() - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def row_thresholds(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Per-row threshold and last kept tie of the exact top-K of |x| along the last axis.
+
+  Implements the selection of M = Topk(|X|) (Q-Sparse eq. in method.md §1) without sorting.
+
+  Args:
+    x: [..., D] float array (any float dtype; selection runs on float32 magnitudes).
+    k: number of entries to keep per row, 1 <= k <= D.
+
+  Returns:
+    tau: [...] float32, the K-th largest |x| of each row.
+    last: [...] int32, the largest index d with |x[d]| == tau that is kept; the mask is
+      (|x| > tau) | ((|x| == tau) & (d <= last)).
+  """
+  dim = x.shape[-1]
+  low_bits_zero = jnp.dtype(x.dtype) == jnp.bfloat16  # bfloat16 is the upper half of float32: low key bits are 0
+  x_td = x.reshape(-1, dim)
+  num_rows = x_td.shape[0]
+
+  def block(x_rd):
+    return _block_thresholds(jnp.abs(x_rd.astype(jnp.float32)), k, low_bits_zero)
+
+  def blocked(x_td):
+    # Cache-sized row blocks, one after another: every bisection pass then reads from cache (CPU).
+    rows = _rows_per_block(num_rows, dim)
+    pad = (-num_rows) % rows
+    if pad:
+      x_td = jnp.pad(x_td, ((0, pad), (0, 0)))
+    tau_nr, last_nr = lax.map(block, x_td.reshape(-1, rows, dim))
+    return tau_nr.reshape(-1)[:num_rows], last_nr.reshape(-1)[:num_rows]
+
+  tau_t, last_t = lax.platform_dependent(x_td, cpu=blocked, default=block)
+  return tau_t.reshape(x.shape[:-1]), last_t.reshape(x.shape[:-1])
+
+
+def mask_from_thresholds(x: jax.Array, tau: jax.Array, last: jax.Array) -> jax.Array:
+  """The boolean top-K mask [..., D] of x: [..., D] given `row_thresholds(x, k)`; fuses into its consumer under jit.
+
+  Compares bit patterns rather than floats, so subnormal magnitudes order exactly even where the CPU flushes them.
+  """
+  key = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+  tau_key = lax.bitcast_convert_type(tau, jnp.int32)[..., None]
+  pos = lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
+  return (key > tau_key) | ((key == tau_key) & (pos <= last[..., None]))
