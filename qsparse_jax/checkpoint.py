@@ -1,0 +1,116 @@
+"""Orbax checkpoints of a training run: model and optimizer state, step, data-iterator state and the run's config.
+
+The train state is stored as a flat {path: array} dict (paths such as "params/blocks/0/attn/q_proj/kernel"), so any
+pytree (nnx.State, optax states) round-trips, restores go into an abstract target (shapes, dtypes and shardings
+from `jax.eval_shape`), and a checkpoint written by a different model is caught by comparing names and shapes before
+any array is read. Saves are asynchronous and atomic (Orbax writes to a temporary folder and renames it), so an
+interrupted or failed save leaves the previous checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that does not fit the model or config it is restored into."""
+
+
+def _key_str(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def flatten(tree) -> dict[str, Any]:
+  """{"a/b/0/c": leaf} for every leaf of a pytree."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_str(k) for k in path): leaf for path, leaf in leaves}
+
+
+def unflatten_like(template, flat: dict[str, Any]):
+  """The pytree of `template` with its leaves taken from `flat` by path."""
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+  return jax.tree_util.tree_unflatten(treedef, [flat["/".join(_key_str(k) for k in p)] for p, _ in paths_leaves])
+
+
+class Checkpointer:
+  """Asynchronous Orbax CheckpointManager keeping the last `keep` checkpoints of a run under `directory`."""
+
+  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, save_every: int = 1, async_save: bool = True):
+    self.directory = pathlib.Path(directory).expanduser().absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, *, data_state: dict | None = None, meta: dict | None = None,
+           force: bool = False) -> bool:
+    """Start saving (returns at once; the write finishes in the background). Skips steps off the save interval."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(flatten(state)),
+                              data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave(meta or {}))
+    return self._manager.save(step, args=args, force=force)
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, data_state, meta) of `step` (default: the latest), restored into `abstract_state`'s structure.
+
+    abstract_state: the train state as jax.ShapeDtypeStruct leaves (with .sharding where the arrays should land).
+    Raises CheckpointMismatchError naming the first parameter whose name or shape differs.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    stored = self._manager.item_metadata(step)["state"]
+    expected = flatten(abstract_state)
+    _check_compatible(stored, expected, self.directory / str(step))
+    targets = {k: ocp.utils.to_shape_dtype_struct(v) if not isinstance(v, jax.ShapeDtypeStruct) else v
+               for k, v in expected.items()}
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(targets), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    return unflatten_like(abstract_state, restored["state"]), restored["data"], restored["meta"]
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _check_compatible(stored: dict, expected: dict, where: pathlib.Path) -> None:
+  stored_keys, expected_keys = set(stored), set(expected)
+  missing = sorted(expected_keys - stored_keys)
+  extra = sorted(stored_keys - expected_keys)
+  if missing or extra:
+    detail = (f"it lacks {missing[0]!r}" if missing else f"it has {extra[0]!r}, which this model does not")
+    raise CheckpointMismatchError(
+        f"checkpoint {where} was written by a different model: {detail} "
+        f"({len(missing)} missing, {len(extra)} unexpected parameters)")
+  for key in sorted(expected_keys):
+    got, want = tuple(stored[key].shape), tuple(expected[key].shape)
+    if got != want:
+      raise CheckpointMismatchError(
+          f"checkpoint {where} does not match this model: {key} has shape {got} there, {want} here")
+
+
+def meta_json(config) -> dict:
+  """A JSON-able description of a run's config, stored with every checkpoint."""
+  import dataclasses
+
+  return json.loads(json.dumps(dataclasses.asdict(config), default=str))

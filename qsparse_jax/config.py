@@ -1,0 +1,159 @@
+"""Run configuration: frozen dataclasses for model, data and training, Python preset files, command-line overrides.
+
+A preset (configs/tiny.py) is a Python file that defines `config = Config(...)`. Any field can then be overridden
+as `section.field=value` (e.g. `train.steps=200 model.sparsity_down=0.5`); values are parsed as Python literals.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+from qsparse_jax.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the text comes from and how it becomes token sequences.
+
+  source: "python_stdlib" (the source files of Python's standard library on this machine: a code corpus every
+    Python installation has), "files" (text files or folders in `paths`), or "tfds" (a TFDS text dataset by name).
+  """
+
+  source: Literal["python_stdlib", "files", "tfds"] = "python_stdlib"
+  paths: tuple[str, ...] = ()
+  tfds_name: str = "tiny_shakespeare"
+  tfds_text_key: str = "text"
+  data_dir: str = "~/.cache/qsparse_jax/tfds"  # where built datasets are cached
+  validation_fraction: float = 0.05
+  tokenizer: str = "byte"  # "byte", "sentencepiece:/path/model.model" or "hf:/path/tokenizer.json"
+  seq_len: int = 256
+  shuffle_seed: int = 0
+
+  def __post_init__(self):
+    if not 0.0 < self.validation_fraction < 1.0:
+      raise ValueError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+    if self.seq_len < 2:
+      raise ValueError(f"data.seq_len must be at least 2, got {self.seq_len}")
+    if self.source == "files" and not self.paths:
+      raise ValueError("data.paths must name at least one text file or folder when data.source='files'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, evaluation, logging and checkpointing (AdamW with warm-up then decay, method.md §7)."""
+
+  steps: int = 1000
+  batch_size: int = 32
+  learning_rate: float = 3e-3
+  end_learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  decay: Literal["cosine", "polynomial"] = "cosine"
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  clip_norm: float = 1.0
+  seed: int = 0
+  eval_every: int = 250
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 250
+  keep_checkpoints: int = 3
+  out_dir: str = "runs/tiny"
+  sample_tokens: int = 200
+  sample_prompt: str = "def "
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+                 "keep_checkpoints"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+    if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+      raise ValueError(f"train.warmup_steps must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
+    if self.learning_rate <= 0:
+      raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+
+
+def load_preset(path: str | pathlib.Path) -> Config:
+  """Execute a preset file and return its module-level `config`."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {str(path)!r} does not exist (expected a preset such as configs/tiny.py)")
+  spec = importlib.util.spec_from_file_location(f"qsparse_preset_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = getattr(module, "config", None)
+  if not isinstance(config, Config):
+    raise ValueError(f"{path} must define `config = Config(...)`, found {type(config).__name__}")
+  return config
+
+
+def _parse_value(text: str, annotation: Any, where: str) -> Any:
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text  # bare words are strings
+  origin = typing.get_origin(annotation)
+  args = typing.get_args(annotation)
+  allowed = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [annotation]
+  if value is None and len(allowed) < len(args):
+    return None
+  for kind in allowed:
+    kind_origin = typing.get_origin(kind) or kind
+    if kind_origin is Literal:
+      if value in typing.get_args(kind):
+        return value
+      continue
+    if kind_origin is tuple and isinstance(value, (tuple, list)):
+      return tuple(value)
+    if kind_origin is tuple and isinstance(value, str):
+      return (value,)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if kind is bool and isinstance(value, bool):
+      return value
+    if kind is str and isinstance(value, str):
+      return value
+  expected = " or ".join(str(a).replace("typing.", "") for a in allowed)
+  raise ValueError(f"{where}={text!r} has the wrong type: expected {expected}")
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+  """Return config with each "section.field=value" applied; unknown names get the closest valid one suggested."""
+  sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} must look like section.field=value (e.g. train.steps=200)")
+    section, dot, field = key.strip().partition(".")
+    if not dot or section not in sections:
+      close = difflib.get_close_matches(key, [f"{s}.{f.name}" for s, v in sections.items()
+                                               for f in dataclasses.fields(v)], n=1)
+      hint = f"; did you mean {close[0]}?" if close else f"; sections are {', '.join(sections)}"
+      raise ValueError(f"unknown config field {key!r}{hint}")
+    fields = {f.name: f for f in dataclasses.fields(sections[section])}
+    if field not in fields:
+      close = difflib.get_close_matches(field, fields, n=1)
+      hint = f"; did you mean {section}.{close[0]}?" if close else ""
+      raise ValueError(f"unknown config field {key!r}{hint}")
+    hints = typing.get_type_hints(type(sections[section]))
+    value = _parse_value(text.strip(), hints[field], key)
+    sections[section] = dataclasses.replace(sections[section], **{field: value})
+  return Config(**sections)

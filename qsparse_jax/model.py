@@ -1,0 +1,160 @@
+"""The Q-Sparse decoder: a Llama-style transformer whose every projection is top-K sparsified (method.md §1, §3).
+
+Pre-norm blocks x + Attention(RMSNorm(x)) and x + GLU(RMSNorm(x)), RoPE, optional grouped-query attention, ReLU²GLU by
+default (SwiGLU as an option), tied or untied embeddings. The four sparsity sites (q/k/v input, output-projection
+input, gate/up input, down-projection input) each take their own sparsity; embeddings and the LM head input stay
+dense, as in the paper.
+
+Shapes: B batch, T time, D model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qsparse_jax.layers import Attention, GLUFeedForward, RMSNorm, _logical
+from qsparse_jax.sparsity import SparsityConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and Q-Sparse settings of the decoder. Sparsities are the fraction S zeroed per token (K = (1 − S) D)."""
+
+  vocab_size: int = 257
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int | None = None  # None: as many as num_heads (no grouping)
+  head_dim: int | None = None  # None: d_model // num_heads
+  d_ff: int = 683
+  activation: Literal["relu2", "silu"] = "relu2"
+  max_seq_len: int = 256
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  norm_eps: float = 1e-6
+  # Q-Sparse, method.md §1-§5
+  sparsity_qkv: float = 0.0
+  sparsity_out: float = 0.0
+  sparsity_up: float = 0.0
+  sparsity_down: float = 0.0
+  gradient: Literal["ste", "masked"] = "ste"
+  block: tuple[int, int] | None = None  # Block Q-Sparse n:m at every site, instead of plain top-K
+  act_bits: int | None = None  # 8 for the paper's int8 activations
+  ternary_weights: bool = False  # BitNet b1.58 weights
+  dtype: str = "float32"  # compute dtype; parameters are float32
+
+  def __post_init__(self):
+    positive = ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={kv}")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads} "
+                       "(or set model.head_dim)")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    for site in self.sites().values():  # validates each sparsity, the gradient mode, block and bits
+      del site
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  def sites(self) -> dict[str, SparsityConfig]:
+    """The four sparsity sites of method.md §1 as SparsityConfigs."""
+    common = dict(gradient=self.gradient, block=tuple(self.block) if self.block else None, act_bits=self.act_bits)
+    try:
+      return {name: SparsityConfig(sparsity=getattr(self, f"sparsity_{name}"), **common)
+              for name in ("qkv", "out", "up", "down")}
+    except ValueError as err:
+      raise ValueError(f"model: {err}") from None
+
+  def with_sparsity(self, sparsity: float) -> "ModelConfig":
+    """The same model with one sparsity at all four sites (the paper's "top-K 70%" is sparsity 0.3)."""
+    return dataclasses.replace(self, sparsity_qkv=sparsity, sparsity_out=sparsity, sparsity_up=sparsity,
+                               sparsity_down=sparsity)
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder block: x + Attention(RMSNorm(x)), then x + GLU(RMSNorm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    sites = cfg.sites()
+    common = dict(ternary_weights=cfg.ternary_weights, dtype=cfg.compute_dtype, rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.attn = Attention(cfg.d_model, cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
+                          qkv_site=sites["qkv"], out_site=sites["out"], qkv_bias=cfg.qkv_bias,
+                          rope_theta=cfg.rope_theta, **common)
+    self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.ffn = GLUFeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, in_site=sites["up"],
+                              down_site=sites["down"], **common)
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt=None):
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt).astype(x_btd.dtype)
+    return x_btd + self.ffn(self.ffn_norm(x_btd)).astype(x_btd.dtype)
+
+
+class Transformer(nnx.Module):
+  """The decoder: tokens [B, T] int -> logits [B, T, V] float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    init = nnx.initializers.normal(stddev=0.02)
+    self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
+                           **_logical(("vocab", "embed")))
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
+                               **_logical(("embed", "vocab")))
+
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    b, t = tokens_bt.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.compute_dtype)
+    for block in self.blocks:
+      x_btd = block(x_btd, positions_bt, segment_ids_bt)
+    x_btd = self.final_norm(x_btd)
+    head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts without allocating memory (nnx.eval_shape): total, embedding and non-embedding."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(abstract, nnx.Param)
+  total = sum(int(x.size) for x in jax.tree.leaves(state))
+  embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+  return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def activated_params_per_token(cfg: ModelConfig) -> float:
+  """Non-embedding parameters a token multiplies with: each projection's weights times its kept fraction (1 − S)."""
+  d, f, hk, kvk = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+  keep = {name: (1 - site.sparsity) if site.block is None else site.block[0] / site.block[1]
+          for name, site in cfg.sites().items()}
+  per_layer = (d * (hk + 2 * kvk) * keep["qkv"] + hk * d * keep["out"] + 2 * d * f * keep["up"]
+               + f * d * keep["down"])
+  return per_layer * cfg.num_layers

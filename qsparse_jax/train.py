@@ -1,0 +1,255 @@
+"""Training: the jitted Q-Sparse language-model step and the loop around it.
+
+The step is a pure function of a train state {"step", "params", "opt_state"} and a batch of tokens: next-token
+cross-entropy, AdamW (β = 0.9, 0.95) with warm-up then cosine or polynomial decay, weight decay on matrices only,
+global-norm clipping (method.md §7). The loop adds periodic evaluation on the held-out split, a progress line
+(step, loss, tokens/s, ETA), metrics as JSONL and TensorBoard events, asynchronous Orbax checkpoints with the data
+iterator's state (so a killed run resumes on the same loss curve), and a text sample at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qsparse_jax import data as data_lib
+from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError, meta_json
+from qsparse_jax.config import Config, TrainConfig
+from qsparse_jax.model import ModelConfig, Transformer, activated_params_per_token, count_params
+
+# ---------------------------------------------------------------------------------------------- pure functions
+
+
+def make_schedule(tc: TrainConfig) -> optax.Schedule:
+  """Linear warm-up to learning_rate, then cosine or polynomial (power 1) decay to end_learning_rate."""
+  decay_steps = max(1, tc.steps - tc.warmup_steps)
+  if tc.decay == "cosine":
+    decay = optax.cosine_decay_schedule(tc.learning_rate, decay_steps, alpha=tc.end_learning_rate / tc.learning_rate)
+  elif tc.decay == "polynomial":
+    decay = optax.polynomial_schedule(tc.learning_rate, tc.end_learning_rate, power=1.0, transition_steps=decay_steps)
+  else:
+    raise ValueError(f"train.decay must be 'cosine' or 'polynomial', got {tc.decay!r}")
+  warmup = optax.linear_schedule(0.0, tc.learning_rate, max(1, tc.warmup_steps))
+  return optax.join_schedules([warmup, decay], [tc.warmup_steps])
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW; weight decay applies to matrices (ndim >= 2), not to norm scales."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  return optax.chain(
+      optax.clip_by_global_norm(tc.clip_norm),
+      optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
+  )
+
+
+def init_model(cfg: ModelConfig, seed: int):
+  """(graphdef, params) of a freshly initialised Transformer."""
+  return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+
+def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
+  graphdef, params = init_model(cfg, seed)
+  return graphdef, {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def lm_loss(graphdef, params, tokens_bt: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy (nats/token) of tokens [B, T+1]: inputs [:, :-1], targets [:, 1:]."""
+  logits_btv = nnx.merge(graphdef, params)(tokens_bt[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:]).mean()
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
+  """train_step(state, tokens [B, T+1]) -> (state, metrics), jitted with the state donated."""
+
+  def train_step(state, tokens_bt):
+    loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, tokens_bt))(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef) -> Callable:
+  return jax.jit(lambda params, tokens_bt: lm_loss(graphdef, params, tokens_bt))
+
+
+def generate(graphdef, params, prompt_ids: list[int], num_tokens: int, *, max_len: int, temperature: float = 0.8,
+             seed: int = 0) -> list[int]:
+  """Sample num_tokens after prompt_ids by re-running the model on a fixed [1, max_len] window (no KV cache)."""
+  forward = jax.jit(lambda p, toks: nnx.merge(graphdef, p)(toks))
+  ids = list(prompt_ids) or [0]
+  key = jax.random.key(seed)
+  for _ in range(num_tokens):
+    window = ids[-max_len:]
+    tokens = np.zeros((1, max_len), np.int32)
+    tokens[0, : len(window)] = window
+    logits = forward(params, jnp.asarray(tokens))[0, len(window) - 1]
+    key, sub = jax.random.split(key)
+    ids.append(int(jax.random.categorical(sub, logits / temperature)))
+  return ids[len(prompt_ids):]
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+
+
+class _Progress:
+  """One updating terminal line: step, loss, tokens/s, ETA."""
+
+  def __init__(self, total: int, enabled: bool):
+    self.total, self.enabled = total, enabled and sys.stderr.isatty()
+    self.plain = enabled and not self.enabled
+
+  def update(self, step: int, loss: float, tokens_per_s: float, eta_s: float):
+    bar = "#" * int(30 * step / self.total)
+    line = (f"step {step:>6}/{self.total} [{bar:<30}] loss {loss:7.4f}  {tokens_per_s:9.0f} tok/s  "
+            f"ETA {int(eta_s) // 60:d}:{int(eta_s) % 60:02d}")
+    if self.enabled:
+      print("\r" + line, end="", file=sys.stderr, flush=True)
+    elif self.plain:
+      print(line, file=sys.stderr, flush=True)
+
+  def close(self):
+    if self.enabled:
+      print(file=sys.stderr)
+
+
+class _Metrics:
+  """Metrics as JSON lines (metrics.jsonl) and TensorBoard event files, both under the run directory."""
+
+  def __init__(self, run_dir: pathlib.Path):
+    self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    try:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+    except ImportError:  # pragma: no cover - tensorboardX is a dependency; this only guards odd installs
+      self._tb = None
+
+  def write(self, step: int, values: dict[str, float]):
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for name, value in values.items():
+        self._tb.add_scalar(name, value, step)
+
+  def close(self):
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _check_resumable(meta: dict, config: Config, run_dir: pathlib.Path) -> None:
+  stored_model, stored_tok = meta.get("model", {}), meta.get("data", {}).get("tokenizer")
+  current = meta_json(config)
+  for field, value in current["model"].items():
+    if field in stored_model and stored_model[field] != value:
+      raise CheckpointMismatchError(
+          f"checkpoint in {run_dir} was written with model.{field}={stored_model[field]!r}, this config has "
+          f"{value!r}: use another train.out_dir, or the same model config to resume")
+  if stored_tok is not None and stored_tok != config.data.tokenizer:
+    raise CheckpointMismatchError(f"checkpoint in {run_dir} was written with data.tokenizer={stored_tok!r}, this "
+                                  f"config has {config.data.tokenizer!r}")
+
+
+def train(config: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Train (or resume) the run described by config; returns the final metrics."""
+  mc, dc, tc = config.model, config.data, config.train
+  run_dir = pathlib.Path(tc.out_dir).expanduser()
+  run_dir.mkdir(parents=True, exist_ok=True)
+  tokenizer = data_lib.make_tokenizer(dc.tokenizer)
+  if tokenizer.vocab_size > mc.vocab_size:
+    raise ValueError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's vocabulary "
+                     f"({tokenizer.name}: {tokenizer.vocab_size})")
+
+  train_source = data_lib.text_source(dc, "train")
+  val_source = data_lib.text_source(dc, "validation")
+  rows_needed = dc.seq_len + 1
+  for name, source in (("train", train_source), ("validation", val_source)):
+    if data_lib.count_tokens(source, tokenizer, dc.tfds_text_key, limit=rows_needed) <= rows_needed:
+      raise ValueError(f"data.seq_len={dc.seq_len} is longer than the whole {name} split of the corpus; "
+                       "use a shorter data.seq_len or more text")
+
+  tx = make_optimizer(tc)
+  graphdef, state = init_train_state(mc, tx, tc.seed)
+  train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
+  batches = data_lib.lm_batches(train_source, tokenizer, seq_len=dc.seq_len, batch_size=tc.batch_size,
+                                seed=dc.shuffle_seed, text_key=dc.tfds_text_key,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = iter(batches)
+  val_batches = [b["tokens"] for _, b in zip(range(tc.eval_batches), iter(data_lib.lm_batches(
+      val_source, tokenizer, seq_len=dc.seq_len, batch_size=tc.batch_size, seed=0, shuffle=False,
+      text_key=dc.tfds_text_key)))]
+
+  checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+  meta = meta_json(config)
+  if checkpointer.latest_step() is not None:
+    _check_resumable(checkpointer.read_meta(), config, run_dir)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    state, data_state, _ = checkpointer.restore(abstract)
+    train_iter.set_state(json.loads(data_state["iterator"]))
+    log(f"resumed from {checkpointer.directory} at step {int(state['step'])}")
+
+  counts = count_params(mc)
+  log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
+      f"{activated_params_per_token(mc) / 1e6:.2f}M activated per token; sparsity q/k/v {mc.sparsity_qkv}, "
+      f"out {mc.sparsity_out}, up {mc.sparsity_up}, down {mc.sparsity_down}")
+  log(f"data: {dc.source} ({len(train_source)} train / {len(val_source)} validation documents), "
+      f"tokenizer {tokenizer.name}, {tc.batch_size} x {dc.seq_len} tokens per step; run directory {run_dir}")
+
+  metrics_out = _Metrics(run_dir)
+  progress = _Progress(tc.steps, tc.progress)
+  step = int(state["step"])
+  tokens_per_step = tc.batch_size * dc.seq_len
+  last = {"step": step}
+  window_start, window_steps = time.perf_counter(), 0
+
+  def evaluate(params):
+    return float(np.mean([float(eval_step(params, jnp.asarray(b))) for b in val_batches]))
+
+  try:
+    while step < tc.steps:
+      batch = jnp.asarray(next(train_iter)["tokens"])
+      state, metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      if step % tc.log_every == 0 or step == tc.steps:
+        loss = float(metrics["loss"])
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+        progress.update(step, loss, tokens_per_s, (tc.steps - step) * elapsed / window_steps)
+        last = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
+                "learning_rate": float(make_schedule(tc)(step))}
+        metrics_out.write(step, {k: v for k, v in last.items() if k != "step"})
+        window_start, window_steps = time.perf_counter(), 0
+      if step % tc.eval_every == 0 or step == tc.steps:
+        last["val_loss"] = evaluate(state["params"])
+        metrics_out.write(step, {"val_loss": last["val_loss"]})
+        progress.close()
+        log(f"step {step}: validation loss {last['val_loss']:.4f} nats/token")
+        window_start = time.perf_counter()
+      if step % tc.checkpoint_every == 0 or step == tc.steps:
+        checkpointer.save(step, state, data_state={"iterator": json.dumps(train_iter.get_state())}, meta=meta,
+                          force=step == tc.steps)
+  finally:
+    progress.close()
+    checkpointer.close()
+    metrics_out.close()
+
+  if tc.sample_tokens > 0:
+    prompt = tokenizer.encode(tc.sample_prompt)
+    sample = generate(graphdef, state["params"], prompt, tc.sample_tokens, max_len=dc.seq_len, seed=tc.seed)
+    last["sample"] = tc.sample_prompt + tokenizer.decode(sample)
+    log("sample:\n" + last["sample"])
+  (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2))
+  return last
