@@ -76,8 +76,8 @@ class TrainConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
-    if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-      raise ValueError(f"train.warmup_steps must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
+    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+      raise ValueError(f"train.warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
     if self.learning_rate <= 0:
       raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
 
@@ -138,6 +138,7 @@ def _parse_value(text: str, annotation: Any, where: str) -> Any:
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
   """Return config with each "section.field=value" applied; unknown names get the closest valid one suggested."""
   sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  changes: dict[str, dict[str, Any]] = {name: {} for name in sections}
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:
@@ -154,6 +155,6 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
       hint = f"; did you mean {section}.{close[0]}?" if close else ""
       raise ValueError(f"unknown config field {key!r}{hint}")
     hints = typing.get_type_hints(type(sections[section]))
-    value = _parse_value(text.strip(), hints[field], key)
-    sections[section] = dataclasses.replace(sections[section], **{field: value})
-  return Config(**sections)
+    changes[section][field] = _parse_value(text.strip(), hints[field], key)
+  # One replace per section, so that fields validated together (data.source and data.paths) change together.
+  return Config(**{name: dataclasses.replace(value, **changes[name]) for name, value in sections.items()})

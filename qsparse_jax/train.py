@@ -31,15 +31,16 @@ from qsparse_jax.model import ModelConfig, Transformer, activated_params_per_tok
 
 def make_schedule(tc: TrainConfig) -> optax.Schedule:
   """Linear warm-up to learning_rate, then cosine or polynomial (power 1) decay to end_learning_rate."""
-  decay_steps = max(1, tc.steps - tc.warmup_steps)
+  warmup_steps = min(tc.warmup_steps, tc.steps)  # a short run of a preset keeps its shape
+  decay_steps = max(1, tc.steps - warmup_steps)
   if tc.decay == "cosine":
     decay = optax.cosine_decay_schedule(tc.learning_rate, decay_steps, alpha=tc.end_learning_rate / tc.learning_rate)
   elif tc.decay == "polynomial":
     decay = optax.polynomial_schedule(tc.learning_rate, tc.end_learning_rate, power=1.0, transition_steps=decay_steps)
   else:
     raise ValueError(f"train.decay must be 'cosine' or 'polynomial', got {tc.decay!r}")
-  warmup = optax.linear_schedule(0.0, tc.learning_rate, max(1, tc.warmup_steps))
-  return optax.join_schedules([warmup, decay], [tc.warmup_steps])
+  warmup = optax.linear_schedule(0.0, tc.learning_rate, max(1, warmup_steps))
+  return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
