@@ -75,7 +75,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
     loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, tokens_bt))(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return jax.jit(train_step, donate_argnums=0)
@@ -163,8 +163,12 @@ def _check_resumable(meta: dict, config: Config, run_dir: pathlib.Path) -> None:
                                   f"config has {config.data.tokenizer!r}")
 
 
-def train(config: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Train (or resume) the run described by config; returns the final metrics."""
+def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int | None = None) -> dict[str, Any]:
+  """Train (or resume) the run described by config; returns the final metrics.
+
+  stop_after: end this invocation after that many steps of its own (checkpointing as usual), as a preempted job
+  would; calling train again resumes from the latest checkpoint.
+  """
   mc, dc, tc = config.model, config.data, config.train
   run_dir = pathlib.Path(tc.out_dir).expanduser()
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +194,7 @@ def train(config: Config, *, log: Callable[[str], None] = print) -> dict[str, An
   train_iter = iter(batches)
   val_batches = [b["tokens"] for _, b in zip(range(tc.eval_batches), iter(data_lib.lm_batches(
       val_source, tokenizer, seq_len=dc.seq_len, batch_size=tc.batch_size, seed=0, shuffle=False,
-      text_key=dc.tfds_text_key)))]
+      text_key=dc.tfds_text_key)))]  # the same held-out batches at every evaluation
 
   checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
   meta = meta_json(config)
@@ -218,8 +222,9 @@ def train(config: Config, *, log: Callable[[str], None] = print) -> dict[str, An
   def evaluate(params):
     return float(np.mean([float(eval_step(params, jnp.asarray(b))) for b in val_batches]))
 
+  stop_at = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
   try:
-    while step < tc.steps:
+    while step < stop_at:
       batch = jnp.asarray(next(train_iter)["tokens"])
       state, metrics = train_step(state, batch)
       step += 1
@@ -247,6 +252,9 @@ def train(config: Config, *, log: Callable[[str], None] = print) -> dict[str, An
     checkpointer.close()
     metrics_out.close()
 
+  if step < tc.steps:
+    log(f"stopped at step {step} of {tc.steps}; run again to resume")
+    return last
   if tc.sample_tokens > 0:
     prompt = tokenizer.encode(tc.sample_prompt)
     sample = generate(graphdef, state["params"], prompt, tc.sample_tokens, max_len=dc.seq_len, seed=tc.seed)

@@ -1,0 +1,74 @@
+"""The training loop: schedule, resume after interruption on the same loss curve, checkpoint compatibility."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from qsparse_jax.checkpoint import CheckpointMismatchError
+from qsparse_jax.config import Config, DataConfig, TrainConfig
+from qsparse_jax.model import ModelConfig
+from qsparse_jax.train import make_schedule, train
+
+
+def small_config(tmp_path, out="run", **train_kwargs) -> Config:
+  corpus = tmp_path / "corpus.txt"
+  if not corpus.exists():
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(["to", "be", "or", "not", "that", "is"], 8))
+                                for _ in range(600)))
+  kwargs = dict(steps=6, batch_size=4, learning_rate=1e-2, end_learning_rate=1e-3, warmup_steps=2, eval_every=3,
+                eval_batches=2, log_every=1, checkpoint_every=3, out_dir=str(tmp_path / out), sample_tokens=0,
+                progress=False)
+  kwargs.update(train_kwargs)
+  return Config(
+      model=ModelConfig(vocab_size=257, d_model=32, num_layers=1, num_heads=2, d_ff=64, max_seq_len=32)
+      .with_sparsity(0.3),
+      data=DataConfig(source="files", paths=(str(corpus),), data_dir=str(tmp_path / "tfds"), seq_len=32),
+      train=TrainConfig(**kwargs))
+
+
+def losses(run_dir):
+  return {m["step"]: m["loss"] for m in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in m}
+
+
+def test_schedule_warms_up_then_decays():
+  tc = TrainConfig(steps=100, learning_rate=1.0, end_learning_rate=0.1, warmup_steps=10, decay="polynomial")
+  lr = make_schedule(tc)
+  np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(55), lr(100)], [0.0, 0.5, 1.0, 0.55, 0.1], rtol=1e-6)
+  cos = make_schedule(dataclasses.replace(tc, decay="cosine"))
+  np.testing.assert_allclose([cos(10), cos(55), cos(100)], [1.0, 0.55, 0.1], rtol=1e-6)
+
+
+def test_interrupted_run_resumes_on_the_same_loss_curve(tmp_path):
+  whole = small_config(tmp_path, "whole")
+  train(whole, log=lambda _: None)
+  parts = small_config(tmp_path, "parts")
+  first = train(parts, log=lambda _: None, stop_after=3)  # preempted right after the step-3 checkpoint
+  assert first["step"] == 3
+  messages = []
+  final = train(parts, log=messages.append)
+  assert any("resumed from" in m and "step 3" in m for m in messages)
+  # Same batches (data-iterator state restored), same parameters and optimizer moments: identical float32 losses.
+  assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+  assert final["val_loss"] == json.loads((tmp_path / "whole" / "final_metrics.json").read_text())["val_loss"]
+  assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path):
+  cfg = small_config(tmp_path, steps=3)
+  train(cfg, log=lambda _: None)
+  other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=48),
+                              train=dataclasses.replace(cfg.train, steps=6))
+  with pytest.raises(CheckpointMismatchError, match="written with model.d_model=32, this config has 48"):
+    train(other, log=lambda _: None)
+  assert (tmp_path / "run" / "checkpoints" / "3").is_dir()  # nothing already saved is lost
+
+
+def test_sequence_longer_than_the_corpus(tmp_path):
+  cfg = small_config(tmp_path)
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=100_000))
+  with pytest.raises(ValueError, match="data.seq_len=100000 is longer than the whole train split"):
+    train(cfg, log=lambda _: None)
