@@ -21,6 +21,10 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint that does not fit the model or config it is restored into."""
 
 
+class CheckpointSaveError(OSError):
+  """A save that could not be written (full disk, quota, permissions); earlier checkpoints are untouched."""
+
+
 def _key_str(key) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):
@@ -87,11 +91,20 @@ class Checkpointer:
     return unflatten_like(abstract_state, restored["state"]), restored["data"], restored["meta"]
 
   def wait(self):
-    self._manager.wait_until_finished()
+    """Block until pending saves are on disk; a failed one raises CheckpointSaveError."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as err:  # Orbax/TensorStore report write failures as assorted exception types
+      reason = str(err).strip().splitlines()[0].rsplit(": ", 1)[-1]
+      steps = self.all_steps()
+      kept = f"the checkpoint of step {max(steps)} is intact" if steps else "no earlier checkpoint exists"
+      raise CheckpointSaveError(f"saving a checkpoint under {self.directory} failed ({reason}); {kept}") from None
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def _check_compatible(stored: dict, expected: dict, where: pathlib.Path) -> None:

@@ -24,7 +24,7 @@ def _train(args) -> int:
   from qsparse_jax.config import apply_overrides, load_preset
   from qsparse_jax.train import train
 
-  absl.logging.set_verbosity(absl.logging.ERROR)
+  absl.logging.set_verbosity(absl.logging.FATAL)  # library tracebacks become the one-line errors below
   tfds.disable_progress_bar()
   config = apply_overrides(load_preset(args.config), args.overrides)
   if args.dry_run:
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as err:
     print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
     return 2
+  except OSError as err:  # a full disk during a save (CheckpointSaveError says which checkpoint is intact)
+    print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print(f"qsparse {args.command}: interrupted; the last checkpoint is kept", file=sys.stderr)
     return 130

@@ -126,10 +126,17 @@ class _Progress:
 
 
 class _Metrics:
-  """Metrics as JSON lines (metrics.jsonl) and TensorBoard event files, both under the run directory."""
+  """Metrics as JSON lines (metrics.jsonl) and TensorBoard event files, both under the run directory.
 
-  def __init__(self, run_dir: pathlib.Path):
-    self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+  On resume, lines logged after the restored step (by the interrupted run) are dropped, so the file holds one curve.
+  """
+
+  def __init__(self, run_dir: pathlib.Path, resumed_step: int):
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+      kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+      path.write_text("".join(line + "\n" for line in kept))
+    self._jsonl = open(path, "a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter
 
@@ -212,7 +219,7 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
   log(f"data: {dc.source} ({len(train_source)} train / {len(val_source)} validation documents), "
       f"tokenizer {tokenizer.name}, {tc.batch_size} x {dc.seq_len} tokens per step; run directory {run_dir}")
 
-  metrics_out = _Metrics(run_dir)
+  metrics_out = _Metrics(run_dir, int(state["step"]))
   progress = _Progress(tc.steps, tc.progress)
   step = int(state["step"])
   tokens_per_step = tc.batch_size * dc.seq_len
