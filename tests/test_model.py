@@ -1,5 +1,6 @@
 """The decoder: parameter counts of the presets (without memory), causality, and the sparsity sites."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -75,3 +76,16 @@ def test_bad_model_config():
     ModelConfig(d_model=48, num_heads=6, num_kv_heads=4)
   with pytest.raises(ValueError, match="model.dtype must be one of"):
     ModelConfig(dtype="float8")
+
+
+def test_bfloat16_compute_tracks_float32():
+  """Same float32 parameters, bfloat16 activations: logits agree to bfloat16 precision (8 mantissa bits: ~1e-2
+  relative per op, a few such ops deep here, so atol 0.1 on O(1) logits)."""
+  cfg = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4, d_ff=128).with_sparsity(0.3)
+  f32 = Transformer(cfg, rngs=nnx.Rngs(0))
+  bf16 = Transformer(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  a, b = np.asarray(f32(tokens)), np.asarray(bf16(tokens))
+  assert b.dtype == np.float32  # logits are always float32
+  np.testing.assert_allclose(b, a, atol=0.1)
+  assert not np.array_equal(a, b)  # the compute dtype really changed

@@ -55,6 +55,8 @@ def test_interrupted_run_resumes_on_the_same_loss_curve(tmp_path):
   assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
   assert final["val_loss"] == json.loads((tmp_path / "whole" / "final_metrics.json").read_text())["val_loss"]
   assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+  events = list((tmp_path / "parts" / "tensorboard").glob("events.out.tfevents.*"))
+  assert events and all(e.stat().st_size > 0 for e in events)
 
 
 def test_resume_with_another_model_config_is_refused(tmp_path):
