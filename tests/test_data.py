@@ -114,3 +114,33 @@ def test_bad_tokenizer_spec(tmp_path):
     data.make_tokenizer(f"sentencepiece:{tmp_path}/none.model")
   with pytest.raises(ValueError, match="data.tokenizer must be"):
     data.make_tokenizer("wordpiece")
+
+
+def _train_tokenizer_files(tmp_path, text):
+  """A real SentencePiece model and a real Hugging Face BPE tokenizer.json, trained here on `text`."""
+  import sentencepiece as spm
+  import tokenizers
+
+  corpus = tmp_path / "tok_corpus.txt"
+  corpus.write_text(text)
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                 model_type="bpe", minloglevel=2)
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  bpe.train([str(corpus)], tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"],
+                                                          initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  bpe.save(str(tmp_path / "tokenizer.json"))
+  return f"sentencepiece:{tmp_path / 'sp.model'}", f"hf:{tmp_path / 'tokenizer.json'}"
+
+
+def test_sentencepiece_and_hf_tokenizers_feed_the_pipeline(corpus, tmp_path):
+  root, texts = corpus
+  train, _ = sources(root, tmp_path)
+  for spec in _train_tokenizer_files(tmp_path, texts["doc0.txt"]):
+    tok = data.make_tokenizer(spec)
+    line = "alpha beta gamma 0-1"
+    assert tok.decode(tok.encode(line)).strip() == line
+    assert tok.vocab_size < 400 and 0 <= tok.eos_id < tok.vocab_size
+    batch = next(iter(data.lm_batches(train, tok, seq_len=20, batch_size=2, seed=0, shuffle=False)))["tokens"]
+    np.testing.assert_array_equal(batch.reshape(-1), packed_stream(train, tok)[:42])
