@@ -19,6 +19,9 @@ the order of their bit patterns), in three exact levels:
        bit patterns end in 16 zeros);
     3. only if the K-th magnitude is tied: the index of the last tie kept, by bisection over positions.
 
+A block whose rows all have fewer than K magnitudes of 2**-133 or more, like the GLU product after a ReLU², skips
+level 1.
+
 Each bisection step is one counting pass over a block of rows; a level stops as soon as every row of the block has a
 threshold that keeps exactly its quota, which for continuous data comes well before the bits run out. The passes use plain float arithmetic on small
 integers (exact below 2**24) because XLA:CPU vectorizes those reductions and not compare-and-select ones, and on the
@@ -72,36 +75,41 @@ def _bisect(values_rd, need_r, lo_r, hi_r, count_lo_r):
   return lo
 
 
-def _block_thresholds(a_rd, k: int, low_bits_zero: bool):
+def _block_thresholds(a_rd, k: int, low_bits_zero: bool, exact_zero_ties: bool):
   """Thresholds of one block of rows. a_rd: [R, D] float32 magnitudes. Returns (tau_r f32, last_r i32)."""
   num_rows, dim = a_rd.shape
   key_rd = lax.bitcast_convert_type(a_rd, jnp.int32)  # order of |x| == order of its bits
   upper_rd = (key_rd >> 16).astype(jnp.float32)
   k_f = jnp.float32(k)
+  positive_upper_r = jnp.sum(_ge(upper_rd, 1.0), axis=-1)  # entries of magnitude >= 2**-133 (bin > 0)
 
-  # Level 1: upper 16 bits of the K-th largest key. count(hi >= min) = D >= K, so the row minimum is a valid lo.
-  lo_r, top_r = jnp.min(upper_rd, axis=-1), jnp.max(upper_rd, axis=-1)
-  tau_upper_r = _bisect(upper_rd, k_f, lo_r, top_r, jnp.full((num_rows,), float(dim)))
+  def level_1(_):
+    # The upper 16 bits of the K-th largest key. count(upper >= min) = D >= K: the row minimum is a valid lo.
+    lo_r, top_r = jnp.min(upper_rd, axis=-1), jnp.max(upper_rd, axis=-1)
+    tau_upper_r = _bisect(upper_rd, k_f, lo_r, top_r, jnp.full((num_rows,), float(dim)))
+    return tau_upper_r, jnp.sum(_ge(upper_rd, tau_upper_r[:, None] + 1.0), axis=-1)
+
+  def below_normal(_):
+    # Every row has fewer than K entries above the first upper-bits bin (the GLU product after a ReLU², say):
+    # the K-th magnitude is in bin 0 (zero or below 2**-133), and no search over the upper bits is needed.
+    return jnp.zeros((num_rows,), jnp.float32), positive_upper_r
+
+  tau_upper_r, above_r = lax.cond(jnp.all(positive_upper_r < k_f), below_normal, level_1, None)
   in_bin_rd = _eq(upper_rd, tau_upper_r[:, None])
-  above_bin_r = jnp.sum(_ge(upper_rd, tau_upper_r[:, None] + 1.0), axis=-1)
-
   if low_bits_zero:
-    tau_lower_r = jnp.zeros((num_rows,), jnp.float32)
-    at_tau_rd = in_bin_rd
+    tau_lower_r, at_tau_rd, above_tau_r = jnp.zeros((num_rows,), jnp.float32), in_bin_rd, above_r
   else:
     # Level 2: lower 16 bits, among entries in the upper-bits bin; the others are parked at -1 (never counted).
     lower_rd = (key_rd & 0xFFFF).astype(jnp.float32)
     lower_in_bin_rd = in_bin_rd * (lower_rd + 1.0) - 1.0
-    tau_lower_r = _bisect(lower_in_bin_rd, k_f - above_bin_r, jnp.zeros((num_rows,)),
-                          jnp.full((num_rows,), 65535.0), jnp.sum(in_bin_rd, axis=-1))
+    tau_lower_r = _bisect(lower_in_bin_rd, k_f - above_r, jnp.zeros((num_rows,)),
+                          jnp.maximum(jnp.max(lower_in_bin_rd, axis=-1), 0.0), jnp.sum(in_bin_rd, axis=-1))
     at_tau_rd = _eq(lower_in_bin_rd, tau_lower_r[:, None])
+    above_tau_r = above_r + jnp.sum(_ge(lower_in_bin_rd, tau_lower_r[:, None] + 1.0), axis=-1)
 
   tau_key_r = (tau_upper_r.astype(jnp.int32) << 16) | tau_lower_r.astype(jnp.int32)
   tau_r = lax.bitcast_convert_type(tau_key_r, jnp.float32)
   # Entries strictly above tau are all kept; keep_ties of the entries equal to tau fill the rest.
-  above_tau_r = above_bin_r
-  if not low_bits_zero:
-    above_tau_r += jnp.sum(_ge(lower_in_bin_rd, tau_lower_r[:, None] + 1.0), axis=-1)
   keep_ties_r = k_f - above_tau_r
   ties_r = jnp.sum(at_tau_rd, axis=-1)
 
@@ -113,8 +121,13 @@ def _block_thresholds(a_rd, k: int, low_bits_zero: bool):
     t = _bisect(rev_rd, keep_ties_r, jnp.zeros((num_rows,)), jnp.full((num_rows,), float(dim - 1)), ties_r)
     return (dim - 1 - t).astype(jnp.int32)
 
-  has_ties = jnp.any(ties_r > keep_ties_r)
+  needs_tie_break_r = ties_r > keep_ties_r
+  if not exact_zero_ties:  # zeros at a zero threshold add nothing to x ⊙ M: keep them all, skip level 3
+    needs_tie_break_r &= tau_key_r > 0
+  has_ties = jnp.any(needs_tie_break_r)
   last_r = lax.cond(has_ties, last_kept_tie, lambda _: jnp.full((num_rows,), dim - 1, jnp.int32), None)
+  if not exact_zero_ties:
+    last_r = jnp.where(needs_tie_break_r, last_r, dim - 1)
   return tau_r, last_r
 
 
@@ -123,8 +136,8 @@ def _rows_per_block(num_rows: int, dim: int) -> int:
   return min(num_rows, 1 << (rows.bit_length() - 1))
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def row_thresholds(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("k", "exact_zero_ties"))
+def row_thresholds(x: jax.Array, k: int, *, exact_zero_ties: bool = True) -> tuple[jax.Array, jax.Array]:
   """Per-row threshold and last kept tie of the exact top-K of |x| along the last axis.
 
   Implements the selection of M = Topk(|X|) (Q-Sparse eq. in method.md §1) without sorting.
@@ -132,6 +145,8 @@ def row_thresholds(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   Args:
     x: [..., D] float array (any float dtype; selection runs on float32 magnitudes).
     k: number of entries to keep per row, 1 <= k <= D.
+    exact_zero_ties: if False, a row whose K-th magnitude is 0 keeps all of its zeros (more than k entries, yet the
+      same x ⊙ M), which skips the tie-breaking search; for callers that need the values, not the mask.
 
   Returns:
     tau: [...] float32 per-row threshold with v_(k+1) < tau <= v_k, where v_i is the i-th largest |x| of the row
@@ -145,7 +160,7 @@ def row_thresholds(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   num_rows = x_td.shape[0]
 
   def block(x_rd):
-    return _block_thresholds(jnp.abs(x_rd.astype(jnp.float32)), k, low_bits_zero)
+    return _block_thresholds(jnp.abs(x_rd.astype(jnp.float32)), k, low_bits_zero, exact_zero_ties)
 
   def blocked(x_td):
     # Cache-sized row blocks, one after another: every bisection pass then reads from cache (CPU).

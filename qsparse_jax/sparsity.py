@@ -68,7 +68,7 @@ def keep_count(dim: int, sparsity: float) -> int:
 # ------------------------------------------------------------------------------------------------------ the masks
 
 
-def topk_mask(x: jax.Array, k: int) -> jax.Array:
+def topk_mask(x: jax.Array, k: int, *, exact_zero_ties: bool = True) -> jax.Array:
   """M = Topk(|X|) of method.md §1: True at the k largest |x| of each row along the last axis.
 
   Exactly k True per row; among equal magnitudes the lower index wins. The selection runs on float32 magnitudes
@@ -78,6 +78,8 @@ def topk_mask(x: jax.Array, k: int) -> jax.Array:
   Args:
     x: [..., D] floating array.
     k: entries kept per row, 0 <= k <= D.
+    exact_zero_ties: False lets a row with fewer than k non-zeros keep all its zeros (more than k True, the same
+      x ⊙ M), which is cheaper; for callers that use the mask only to zero entries.
 
   Returns:
     [..., D] bool.
@@ -90,10 +92,10 @@ def topk_mask(x: jax.Array, k: int) -> jax.Array:
     return jnp.ones(x.shape, jnp.bool_)
   if k == 0:
     return jnp.zeros(x.shape, jnp.bool_)
-  return mask_from_thresholds(x, *row_thresholds(x, k))
+  return mask_from_thresholds(x, *row_thresholds(x, k, exact_zero_ties=exact_zero_ties))
 
 
-def block_topk_mask(x: jax.Array, n: int, m: int) -> jax.Array:
+def block_topk_mask(x: jax.Array, n: int, m: int, *, exact_zero_ties: bool = True) -> jax.Array:
   """Block Q-Sparse mask (method.md §5): exactly n True in each block of m consecutive entries along the last axis.
 
   Args:
@@ -107,7 +109,7 @@ def block_topk_mask(x: jax.Array, n: int, m: int) -> jax.Array:
   dim = x.shape[-1]
   _check_block(n, m, dim)
   x_bm = x.reshape(*x.shape[:-1], dim // m, m)
-  return topk_mask(x_bm, n).reshape(x.shape)
+  return topk_mask(x_bm, n, exact_zero_ties=exact_zero_ties).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------- quantizers (§4)
@@ -232,10 +234,13 @@ class SparsityConfig:
 
 
 def _mask_for(x: jax.Array, cfg: SparsityConfig) -> jax.Array | None:
+  # The straight-through rule never reads the mask in the backward pass, so zeros tied at a zero threshold may all
+  # count as kept (x ⊙ M is the same); the masked rule multiplies the cotangent by M, which must then be exact.
+  exact = cfg.gradient == "masked"
   if cfg.block is not None:
-    return block_topk_mask(x, *cfg.block)
+    return block_topk_mask(x, *cfg.block, exact_zero_ties=exact)
   if cfg.sparsity > 0.0:
-    return topk_mask(x, keep_count(x.shape[-1], cfg.sparsity))
+    return topk_mask(x, keep_count(x.shape[-1], cfg.sparsity), exact_zero_ties=exact)
   return None
 
 

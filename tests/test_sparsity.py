@@ -256,3 +256,16 @@ def test_bad_input_names_the_argument(call, match):
 def test_installs_without_tensorflow():
   import tensorflow_datasets  # noqa: F401  (the data layer's dependency imports on its own)
   assert importlib.util.find_spec("tensorflow") is None
+
+
+@settings(max_examples=15, deadline=None)
+@given(x=activations(ties=True), sparsity=st.sampled_from(SPARSITIES[1:]))
+def test_inexact_zero_ties_keep_the_same_values(x, sparsity):
+  """exact_zero_ties=False may keep extra zeros (rows with fewer than k non-zeros), never anything else."""
+  x = jnp.maximum(x, 0)  # a ReLU: many rows have fewer than k non-zeros
+  k = keep(x.shape[-1], sparsity)
+  ref = np_topk_mask(np.asarray(x.astype(jnp.float32)), k)
+  mask = np.asarray(qs.topk_mask(x, k, exact_zero_ties=False))
+  xf = np.asarray(x.astype(jnp.float32))
+  np.testing.assert_array_equal(np.where(mask, xf, 0.0), np.where(ref, xf, 0.0))
+  assert np.all(mask >= ref) and np.all(xf[mask & ~ref] == 0)
