@@ -23,8 +23,9 @@ from qsparse_jax.sparsity import SparsityConfig, sparsify, ternarize
 DENSE = SparsityConfig()
 
 
-def _logical(axes: tuple[str | None, ...]) -> dict:
-  # Logical names only; no mesh is needed to build a layer. Shardings are applied under jit (sharding.py).
+def logical_axes(axes: tuple[str | None, ...]) -> dict:
+  """nnx.Variable metadata naming a parameter's logical axes; no mesh is needed to build a layer (the names are
+  mapped to mesh axes, and shardings applied, under jit)."""
   return {"out_sharding": axes, "eager_sharding": False}
 
 
@@ -56,8 +57,8 @@ class SparseLinear(nnx.Linear):
                rngs: nnx.Rngs, **linear_kwargs):
     site = SparsityConfig(sparsity=sparsity, gradient=gradient, block=tuple(block) if block else None,
                           act_bits=act_bits, l2_rescale=l2_rescale)
-    linear_kwargs.setdefault("kernel_metadata", _logical(tuple(kernel_axes)))
-    linear_kwargs.setdefault("bias_metadata", _logical((kernel_axes[1],)))
+    linear_kwargs.setdefault("kernel_metadata", logical_axes(tuple(kernel_axes)))
+    linear_kwargs.setdefault("bias_metadata", logical_axes((kernel_axes[1],)))
     super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
     if site.block is not None and in_features % site.block[1]:
       raise ValueError(f"block m={site.block[1]} must divide in_features={in_features}")
@@ -85,7 +86,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
     del rngs  # no random state; accepted for a uniform constructor
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **_logical(("embed",)))
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **logical_axes(("embed",)))
     self.eps = eps
     self.dtype = dtype
 

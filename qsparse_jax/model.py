@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qsparse_jax.layers import Attention, GLUFeedForward, RMSNorm, _logical
+from qsparse_jax.layers import Attention, GLUFeedForward, RMSNorm, logical_axes
 from qsparse_jax.sparsity import SparsityConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -121,12 +121,12 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     init = nnx.initializers.normal(stddev=0.02)
     self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
-                           **_logical(("vocab", "embed")))
+                           **logical_axes(("vocab", "embed")))
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
-                               **_logical(("embed", "vocab")))
+                               **logical_axes(("embed", "vocab")))
 
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                segment_ids_bt: jax.Array | None = None) -> jax.Array:
