@@ -9,8 +9,12 @@ interrupted or failed save leaves the previous checkpoint readable.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
+import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -93,7 +97,8 @@ class Checkpointer:
   def wait(self):
     """Block until pending saves are on disk; a failed one raises CheckpointSaveError."""
     try:
-      self._manager.wait_until_finished()
+      with _stderr_kept_on_success():
+        self._manager.wait_until_finished()
     except Exception as err:  # Orbax/TensorStore report write failures as assorted exception types
       reason = str(err).strip().splitlines()[0].rsplit(": ", 1)[-1]
       steps = self.all_steps()
@@ -105,6 +110,31 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+@contextlib.contextmanager
+def _stderr_kept_on_success():
+  """Hold back what is written to file descriptor 2 meanwhile; replay it unless the block raises.
+
+  When a write fails, TensorStore's remaining callbacks print one "Event loop is closed" traceback each from its
+  own threads as Orbax tears the save down; the CheckpointSaveError raised instead says what happened, once.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    failed = True
+    try:
+      yield
+      failed = False
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+        sys.stderr.flush()
 
 
 def _check_compatible(stored: dict, expected: dict, where: pathlib.Path) -> None:

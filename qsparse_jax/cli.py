@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except OSError as err:  # a full disk during a save (CheckpointSaveError says which checkpoint is intact)
     print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
-    return 1
+    # The failed save's abandoned asyncio tasks would log tracebacks while the interpreter shuts down; everything
+    # of ours is closed, so leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   except KeyboardInterrupt:
     print(f"qsparse {args.command}: interrupted; the last checkpoint is kept", file=sys.stderr)
     return 130

@@ -33,9 +33,16 @@ def write_preset(tmp_path, steps=6):
   return preset
 
 
-def run_cli(*args, preexec=None):
-  return subprocess.run([sys.executable, "-m", "qsparse_jax.cli", *args], capture_output=True, text=True,
-                        preexec_fn=preexec, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+def run_cli(*args, max_file_bytes=None):
+  """Run `python -m qsparse_jax.cli ARGS` in a fresh process, optionally with files capped at max_file_bytes (as a
+  full disk would: writes past the cap fail with EFBIG, SIGXFSZ being ignored)."""
+  command = [sys.executable, "-m", "qsparse_jax.cli", *args]
+  if max_file_bytes is not None:
+    command = ["prlimit", f"--fsize={max_file_bytes}", sys.executable, "-c",
+               "import signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "from qsparse_jax.cli import main; sys.exit(main())", *args]
+  return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        timeout=600)
 
 
 def test_unknown_field_is_one_error_line(tmp_path):
@@ -51,20 +58,12 @@ def test_missing_config_file_is_one_error_line(tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr
 
 
-def _limit_file_size():
-  import resource
-  import signal
-
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
-  resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
-
-
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
   preset = write_preset(tmp_path)
   config = load_preset(preset)
   train(config, log=lambda _: None, stop_after=3)  # a good checkpoint at step 3
   # Resume with files capped at 32 KiB (as a full disk would): the step-6 save cannot be written.
-  result = run_cli("train", "--config", str(preset), preexec=_limit_file_size)
+  result = run_cli("train", "--config", str(preset), max_file_bytes=32 * 1024)
   assert result.returncode == 1, result.stderr
   assert result.stderr.strip().splitlines() == [
       f"qsparse train: error: saving a checkpoint under {tmp_path / 'run' / 'checkpoints'} failed "
