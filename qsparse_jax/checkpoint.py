@@ -10,6 +10,7 @@ interrupted or failed save leaves the previous checkpoint readable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -155,6 +156,4 @@ def _check_compatible(stored: dict, expected: dict, where: pathlib.Path) -> None
 
 def meta_json(config) -> dict:
   """A JSON-able description of a run's config, stored with every checkpoint."""
-  import dataclasses
-
   return json.loads(json.dumps(dataclasses.asdict(config), default=str))

@@ -192,7 +192,7 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
       raise ValueError(f"data.seq_len={dc.seq_len} is longer than the whole {name} split of the corpus; "
                        "use a shorter data.seq_len or more text")
 
-  tx = make_optimizer(tc)
+  tx, schedule = make_optimizer(tc), make_schedule(tc)
   graphdef, state = init_train_state(mc, tx, tc.seed)
   train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
   batches = data_lib.lm_batches(train_source, tokenizer, seq_len=dc.seq_len, batch_size=tc.batch_size,
@@ -242,7 +242,7 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
         tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
         progress.update(step, loss, tokens_per_s, (tc.steps - step) * elapsed / window_steps)
         last = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
-                "learning_rate": float(make_schedule(tc)(step))}
+                "learning_rate": float(schedule(step))}
         metrics_out.write(step, {k: v for k, v in last.items() if k != "step"})
         window_start, window_steps = time.perf_counter(), 0
       if step % tc.eval_every == 0 or step == tc.steps:
