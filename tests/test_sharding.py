@@ -49,3 +49,40 @@ def test_sharded_step_matches_one_device(shape):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   if shape[1] * shape[2] > 1:  # FSDP or tensor axes: the large matrices must really be split
     sharding.assert_params_sharded(new_state["params"], min_size=64 * 128)
+
+
+def _abstract_on(state, tx, mesh):
+  """The abstract train state (shapes, dtypes and target shardings on `mesh`) to restore into."""
+  placed = sharding.shard_train_state(jax.tree.map(jnp.copy, state), tx, mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), placed)
+
+
+def test_checkpoint_restores_onto_other_meshes(tmp_path):
+  from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError
+
+  tx = make_optimizer(TrainConfig(steps=10, warmup_steps=1))
+  graphdef, state = init_train_state(CFG, tx, seed=0)
+  step = make_train_step(graphdef, tx)
+  mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
+  trained, _ = step(sharding.shard_train_state(jax.tree.map(jnp.copy, state), tx, mesh),  # the step donates
+                    jax.device_put(jax.random.randint(jax.random.key(1), (8, 17), 0, 64),
+                                   sharding.batch_sharding(mesh)))
+  checkpointer = Checkpointer(tmp_path / "ckpt")
+  checkpointer.save(1, trained, force=True)
+  checkpointer.wait()
+  expected = jax.tree.map(np.asarray, trained)
+  for shape in [(4, 1, 2), (1, 1, 1), (8, 1, 1)]:
+    target_mesh = sharding.make_mesh(sharding.MeshConfig(*shape), jax.devices()[: int(np.prod(shape))])
+    restored, _, _ = checkpointer.restore(_abstract_on(state, tx, target_mesh))
+    for got, want, ref in zip(jax.tree.leaves(restored), jax.tree.leaves(expected),
+                              jax.tree.leaves(_abstract_on(state, tx, target_mesh))):
+      np.testing.assert_array_equal(np.asarray(got), want)  # bit-identical values
+      assert got.sharding == ref.sharding  # and laid out as the new mesh asks
+  # A model of another shape: a clear error naming the first parameter that differs, not a shape traceback.
+  other = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=96)
+  _, other_state = init_train_state(other, tx, seed=0)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other_state)
+  with pytest.raises(CheckpointMismatchError, match=r"does not match this model: .*down_proj/kernel.* has shape "
+                                                    r"\(128, 64\) there, \(96, 64\) here"):
+    checkpointer.restore(abstract)
+  checkpointer.close()
