@@ -86,3 +86,22 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
                                                     r"\(128, 64\) there, \(96, 64\) here"):
     checkpointer.restore(abstract)
   checkpointer.close()
+
+
+def test_tensor_parallel_step_never_gathers_a_whole_weight():
+  """On a (1, 1, 8) mesh every projection kernel is split over heads or mlp; the compiled step may move
+  activations, but must not all-gather any kernel back to its full shape."""
+  import re
+
+  cfg = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=8, d_ff=128, max_seq_len=16).with_sparsity(0.3)
+  tx = make_optimizer(TrainConfig(steps=10, warmup_steps=1))
+  graphdef, state = init_train_state(cfg, tx, seed=0)
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 8))
+  sharded = sharding.shard_train_state(state, tx, mesh)
+  tokens = jax.device_put(jax.random.randint(jax.random.key(0), (8, 17), 0, 64), sharding.batch_sharding(mesh))
+  hlo = make_train_step(graphdef, tx).lower(sharded, tokens).compile().as_text()
+  gathered = {shape for shape in re.findall(r"= (f32\[[0-9,]+\])\{[^}]*\} all-gather\(", hlo)}
+  kernels = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(sharded["params"]) if x.ndim == 2}
+  assert kernels == {"f32[64,64]", "f32[64,128]", "f32[128,64]"}
+  assert re.search(r"all-gather\(", hlo) is None or not (gathered & kernels), gathered & kernels
+  sharding.assert_params_sharded(sharded["params"], min_size=64 * 64)
