@@ -105,3 +105,18 @@ def test_tensor_parallel_step_never_gathers_a_whole_weight():
   assert kernels == {"f32[64,64]", "f32[64,128]", "f32[128,64]"}
   assert re.search(r"all-gather\(", hlo) is None or not (gathered & kernels), gathered & kernels
   sharding.assert_params_sharded(sharded["params"], min_size=64 * 64)
+
+
+def test_topk_over_a_sharded_hidden_axis_is_global():
+  """Selection is global over the full hidden dimension (the paper's definition) even when that axis is split over
+  the tensor devices: the mask of the sharded array equals the single-device mask entry for entry."""
+  import qsparse_jax as qs
+
+  x = jax.random.normal(jax.random.key(3), (16, 512))
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 8))
+  x_sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor")))
+  mask = jax.jit(lambda v: qs.topk_mask(v, 150))(x_sharded)
+  np.testing.assert_array_equal(np.asarray(mask), np.asarray(qs.topk_mask(x, 150)))
+  # Per-shard selection would keep 150/8 per shard; globally, shards keep different counts.
+  per_shard = np.asarray(mask).reshape(16, 8, 64).sum(-1)
+  assert np.all(per_shard.sum(-1) == 150) and len(np.unique(per_shard)) > 1
