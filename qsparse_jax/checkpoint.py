@@ -37,16 +37,19 @@ def _key_str(key) -> str:
   return str(key)
 
 
+def _path_str(path) -> str:
+  return "/".join(_key_str(k) for k in path)
+
+
 def flatten(tree) -> dict[str, Any]:
   """{"a/b/0/c": leaf} for every leaf of a pytree."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_str(k) for k in path): leaf for path, leaf in leaves}
+  return {_path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def unflatten_like(template, flat: dict[str, Any]):
   """The pytree of `template` with its leaves taken from `flat` by path."""
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-  return jax.tree_util.tree_unflatten(treedef, [flat["/".join(_key_str(k) for k in p)] for p, _ in paths_leaves])
+  return jax.tree_util.tree_unflatten(treedef, [flat[_path_str(path)] for path, _ in paths_leaves])
 
 
 class Checkpointer:

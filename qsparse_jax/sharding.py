@@ -81,14 +81,9 @@ def logical_to_mesh(names: Sequence[str | None], rules=DEFAULT_RULES) -> Partiti
   return PartitionSpec(*spec)
 
 
-def _logical_names(tree):
-  """Per-leaf logical axis names of an nnx.State (from out_sharding metadata); None where there are none."""
-  return nnx.get_partition_spec(tree)
-
-
 def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for an nnx.State of parameters, from their logical axis names."""
-  specs = _logical_names(params)
+  specs = nnx.get_partition_spec(params)  # logical names, from each parameter's out_sharding metadata
   return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh(tuple(spec), rules)), specs,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 

@@ -310,9 +310,7 @@ def topk_sparsify(x: jax.Array, sparsity: float, *, gradient: GradientMode = "st
   Returns:
     [..., D], x's dtype.
   """
-  _check_sparsity(sparsity)
-  _check_gradient(gradient)
-  return sparsify(x, SparsityConfig(sparsity=sparsity, gradient=gradient, l2_rescale=l2_rescale))
+  return sparsify(x, SparsityConfig(sparsity=sparsity, gradient=gradient, l2_rescale=l2_rescale))  # validates
 
 
 def block_topk_sparsify(x: jax.Array, n: int, m: int, *, gradient: GradientMode = "ste") -> jax.Array:
@@ -321,6 +319,5 @@ def block_topk_sparsify(x: jax.Array, n: int, m: int, *, gradient: GradientMode 
   Sparsity is 1 − n/m; gradient as in `topk_sparsify`. x: [..., D], D divisible by m. Returns [..., D].
   """
   _check_float(x)
-  _check_block(n, m, x.shape[-1])
-  _check_gradient(gradient)
+  _check_block(n, m, x.shape[-1])  # SparsityConfig checks n:m and the gradient mode, not D
   return sparsify(x, SparsityConfig(block=(n, m), gradient=gradient))

@@ -62,15 +62,14 @@ def test_sparsity_changes_the_function_but_not_the_parameters():
   dense_cfg = ModelConfig(vocab_size=40, d_model=32, num_layers=1, num_heads=2, d_ff=48)
   dense = Transformer(dense_cfg, rngs=nnx.Rngs(0))
   sparse = Transformer(dense_cfg.with_sparsity(0.5), rngs=nnx.Rngs(0))
-  chex_tree = lambda m: jax.tree.leaves(nnx.state(m))  # noqa: E731
-  for x, y in zip(chex_tree(dense), chex_tree(sparse)):
+  for x, y in zip(jax.tree.leaves(nnx.state(dense)), jax.tree.leaves(nnx.state(sparse))):
     np.testing.assert_array_equal(x, y)
   tokens = jnp.arange(10)[None] % 40
   assert not np.allclose(dense(tokens), sparse(tokens))
 
 
 def test_bad_model_config():
-  with pytest.raises(ValueError, match=r"model.sparsity must be in \[0, 1\)|sparsity must be in \[0, 1\)"):
+  with pytest.raises(ValueError, match=r"^model: sparsity must be in \[0, 1\)"):
     ModelConfig(sparsity_down=1.2)
   with pytest.raises(ValueError, match="model.num_heads=6 must be a multiple of model.num_kv_heads=4"):
     ModelConfig(d_model=48, num_heads=6, num_kv_heads=4)
