@@ -18,6 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -60,7 +61,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+        "state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -69,22 +70,27 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, *, data_state: dict | None = None, meta: dict | None = None,
-           force: bool = False) -> bool:
-    """Start saving (returns at once; the write finishes in the background). Skips steps off the save interval."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(flatten(state)),
-                              data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave(meta or {}))
-    return self._manager.save(step, args=args, force=force)
+  def save(self, step: int, state, *, data_iterator=None, meta: dict | None = None, force: bool = False) -> bool:
+    """Start saving (returns once the arrays are copied; the write finishes in the background).
+
+    data_iterator: a Grain iterator whose position is stored per process (process_<i>-of-<n>.json), taken now.
+    Skips steps off the save interval unless force.
+    """
+    items = {"state": ocp.args.StandardSave(flatten(state)), "meta": ocp.args.JsonSave(meta or {})}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, abstract_state, step: int | None = None):
-    """(state, data_state, meta) of `step` (default: the latest), restored into `abstract_state`'s structure.
+    """(state, meta) of `step` (default: the latest), restored into `abstract_state`'s structure.
 
-    abstract_state: the train state as jax.ShapeDtypeStruct leaves (with .sharding where the arrays should land).
-    Raises CheckpointMismatchError naming the first parameter whose name or shape differs.
+    abstract_state: the train state as jax.ShapeDtypeStruct leaves (with .sharding where the arrays should land, on
+    any mesh: Orbax reads each device's slice). Raises CheckpointMismatchError naming the first parameter whose name
+    or shape differs.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -95,8 +101,23 @@ class Checkpointer:
     targets = {k: ocp.utils.to_shape_dtype_struct(v) if not isinstance(v, jax.ShapeDtypeStruct) else v
                for k, v in expected.items()}
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(targets), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    return unflatten_like(abstract_state, restored["state"]), restored["data"], restored["meta"]
+        state=ocp.args.StandardRestore(targets), meta=ocp.args.JsonRestore()))
+    return unflatten_like(abstract_state, restored["state"]), restored["meta"]
+
+  def restore_data_iterator(self, data_iterator, step: int | None = None) -> str | None:
+    """Move data_iterator to its position at `step`; returns None, or why it could not (then it is untouched).
+
+    The position can only be carried over by the same number of processes that wrote it.
+    """
+    step = self.latest_step() if step is None else step
+    folder = self.directory / str(step) / "data"
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not (folder / mine).exists():
+      written = sorted(p.name for p in folder.glob("process_*.json")) if folder.is_dir() else []
+      return (f"the checkpoint holds data positions {written or 'none'}, this run needs {mine}" if written else
+              "the checkpoint holds no data position")
+    self._manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return None
 
   def wait(self):
     """Block until pending saves are on disk; a failed one raises CheckpointSaveError."""

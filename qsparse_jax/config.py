@@ -16,6 +16,7 @@ import typing
 from typing import Any, Literal
 
 from qsparse_jax.model import ModelConfig
+from qsparse_jax.sharding import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Config:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
 
 
 def load_preset(path: str | pathlib.Path) -> Config:
@@ -176,4 +178,5 @@ def paper_pretraining(name: str, *, d_model: int, d_ff: int, num_heads: int, num
       train=TrainConfig(steps=100_000, batch_size=256, learning_rate=learning_rate,
                         end_learning_rate=learning_rate / 10, warmup_steps=375, decay="cosine", weight_decay=0.1,
                         clip_norm=1.0, eval_every=1000, checkpoint_every=1000, out_dir=f"runs/paper_{name}"),
+      mesh=MeshConfig(data=1, fsdp=-1, tensor=1),  # FSDP over every device; set tensor for the largest models
   )

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qsparse_jax.sharding import constrain
 from qsparse_jax.sparsity import SparsityConfig, sparsify, ternarize
 
 DENSE = SparsityConfig()
@@ -178,9 +179,11 @@ class Attention(nnx.Module):
     """Sparsify x once (the q/k/v site) and return RoPE'd q [B,T,N,K], k [B,T,H,K] and v [B,T,H,K]."""
     b, t, _ = x_btd.shape
     xs_btd = sparsify(x_btd, self.qkv_site)
-    q = self.q_proj(xs_btd).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = constrain(self.q_proj(xs_btd).reshape(b, t, self.num_heads, self.head_dim), ("batch", None, "heads", None))
+    k = constrain(self.k_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim),
+                  ("batch", None, "kv_heads", None))
+    v = constrain(self.v_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim),
+                  ("batch", None, "kv_heads", None))
     inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
     return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
 
@@ -229,4 +232,6 @@ class GLUFeedForward(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     xs = sparsify(x, self.in_site)
     hidden = glu_activation(self.gate_proj(xs), self.activation) * self.up_proj(xs)
+    if hidden.ndim == 3:
+      hidden = constrain(hidden, ("batch", None, "mlp"))
     return self.down_proj(hidden)

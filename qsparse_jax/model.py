@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qsparse_jax.layers import Attention, GLUFeedForward, RMSNorm, logical_axes
+from qsparse_jax.sharding import constrain
 from qsparse_jax.sparsity import SparsityConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -133,12 +134,14 @@ class Transformer(nnx.Module):
     b, t = tokens_bt.shape
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.compute_dtype)
+    residual = ("batch", None, None)  # the residual stream: split by batch, whole along the model width
+    x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.compute_dtype), residual)
     for block in self.blocks:
-      x_btd = block(x_btd, positions_bt, segment_ids_bt)
+      x_btd = constrain(block(x_btd, positions_bt, segment_ids_bt), residual)
     x_btd = self.final_norm(x_btd)
     head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+    logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits_btv, ("batch", None, "vocab"))
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

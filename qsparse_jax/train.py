@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from qsparse_jax import data as data_lib
+from qsparse_jax import sharding
 from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError, meta_json
 from qsparse_jax.config import Config, TrainConfig
 from qsparse_jax.model import ModelConfig, Transformer, activated_params_per_token, count_params
@@ -57,9 +59,21 @@ def init_model(cfg: ModelConfig, seed: int):
   return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
 
 
-def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
-  graphdef, params = init_model(cfg, seed)
-  return graphdef, {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh | None = None):
+  """(graphdef, state) with state = {"step", "params", "opt_state"}.
+
+  With a mesh, every array is created already sharded (one jitted initialisation with out_shardings): no host
+  ever holds the whole model.
+  """
+  def init():
+    _, params = init_model(cfg, seed)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
+  if mesh is None:
+    return graphdef, init()
+  shardings = sharding.train_state_shardings(jax.eval_shape(init), tx, mesh)
+  return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
 def lm_loss(graphdef, params, tokens_bt: jax.Array) -> jax.Array:
@@ -68,8 +82,13 @@ def lm_loss(graphdef, params, tokens_bt: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:]).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
-  """train_step(state, tokens [B, T+1]) -> (state, metrics), jitted with the state donated."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh | None = None,
+                    state_shardings=None) -> Callable:
+  """train_step(state, tokens [B, T+1]) -> (state, metrics), jitted with the state donated.
+
+  With a mesh (and the state's shardings), the step is compiled for it: state in and out keep their shardings,
+  the batch is split over (data, fsdp), metrics are replicated.
+  """
 
   def train_step(state, tokens_bt):
     loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, tokens_bt))(state["params"])
@@ -78,24 +97,42 @@ def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=0)
+  return sharding.jit_on_mesh(train_step, mesh, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                              out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(graphdef) -> Callable:
-  return jax.jit(lambda params, tokens_bt: lm_loss(graphdef, params, tokens_bt))
+def make_eval_step(graphdef, mesh: Mesh | None = None, param_shardings=None) -> Callable:
+  """eval_step(params, tokens [B, T+1]) -> mean loss."""
+  loss = lambda params, tokens_bt: lm_loss(graphdef, params, tokens_bt)  # noqa: E731
+  if mesh is None:
+    return jax.jit(loss)
+  return sharding.jit_on_mesh(loss, mesh, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                              out_shardings=sharding.replicated(mesh))
 
 
 def generate(graphdef, params, prompt_ids: list[int], num_tokens: int, *, max_len: int, temperature: float = 0.8,
              seed: int = 0) -> list[int]:
-  """Sample num_tokens after prompt_ids by re-running the model on a fixed [1, max_len] window (no KV cache)."""
-  forward = jax.jit(lambda p, toks: nnx.merge(graphdef, p)(toks))
+  """Sample num_tokens after prompt_ids by re-running the model on a fixed [1, max_len] window (no KV cache).
+
+  Params may be sharded over a mesh spanning processes; every process then runs this and gets the same tokens.
+  """
+  mesh = next((leaf.sharding.mesh for leaf in jax.tree.leaves(params)
+               if isinstance(leaf.sharding, NamedSharding)), None)
+  if mesh is None:
+    forward, place = jax.jit(lambda p, toks: nnx.merge(graphdef, p)(toks)), jnp.asarray
+  else:
+    every = sharding.replicated(mesh)
+    forward = jax.jit(lambda p, toks: nnx.merge(graphdef, p)(toks), out_shardings=every)
+    place = lambda toks: jax.make_array_from_callback(toks.shape, every, lambda index: toks[index])  # noqa: E731
   ids = list(prompt_ids) or [0]
   key = jax.random.key(seed)
   for _ in range(num_tokens):
     window = ids[-max_len:]
     tokens = np.zeros((1, max_len), np.int32)
     tokens[0, : len(window)] = window
-    logits = forward(params, jnp.asarray(tokens))[0, len(window) - 1]
+    logits = np.asarray(forward(params, place(tokens)))[0, len(window) - 1]
     key, sub = jax.random.split(key)
     ids.append(int(jax.random.categorical(sub, logits / temperature)))
   return ids[len(prompt_ids):]
@@ -129,9 +166,13 @@ class _Metrics:
   """Metrics as JSON lines (metrics.jsonl) and TensorBoard event files, both under the run directory.
 
   On resume, lines logged after the restored step (by the interrupted run) are dropped, so the file holds one curve.
+  Disabled (every call a no-op) in all processes but the first.
   """
 
-  def __init__(self, run_dir: pathlib.Path, resumed_step: int):
+  def __init__(self, run_dir: pathlib.Path, resumed_step: int, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     path = run_dir / "metrics.jsonl"
     if path.exists():
       kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
@@ -145,6 +186,8 @@ class _Metrics:
       self._tb = None
 
   def write(self, step: int, values: dict[str, float]):
+    if not self.enabled:
+      return
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
@@ -152,6 +195,8 @@ class _Metrics:
         self._tb.add_scalar(name, value, step)
 
   def close(self):
+    if not self.enabled:
+      return
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
@@ -175,8 +220,14 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
 
   stop_after: end this invocation after that many steps of its own (checkpointing as usual), as a preempted job
   would; calling train again resumes from the latest checkpoint.
+
+  Multi-host: every process calls this with the same config (after jax.distributed.initialize); each reads its own
+  rows of every batch, and only process 0 logs and writes metrics.
   """
   mc, dc, tc = config.model, config.data, config.train
+  main_process = jax.process_index() == 0
+  if not main_process:
+    log = lambda _: None  # noqa: E731
   run_dir = pathlib.Path(tc.out_dir).expanduser()
   run_dir.mkdir(parents=True, exist_ok=True)
   tokenizer = data_lib.make_tokenizer(dc.tokenizer)
@@ -192,25 +243,32 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
       raise ValueError(f"data.seq_len={dc.seq_len} is longer than the whole {name} split of the corpus; "
                        "use a shorter data.seq_len or more text")
 
+  mesh = sharding.make_mesh(config.mesh)
+  shard_index, shard_count = sharding.process_batch_rows(mesh, tc.batch_size)
+  local_batch = tc.batch_size // shard_count  # the rows this process reads; the mesh assembles the global batch
+
   tx, schedule = make_optimizer(tc), make_schedule(tc)
-  graphdef, state = init_train_state(mc, tx, tc.seed)
-  train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
-  batches = data_lib.lm_batches(train_source, tokenizer, seq_len=dc.seq_len, batch_size=tc.batch_size,
+  graphdef, state = init_train_state(mc, tx, tc.seed, mesh)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  train_step = make_train_step(graphdef, tx, mesh, state_shardings)
+  eval_step = make_eval_step(graphdef, mesh, state_shardings["params"])
+  batches = data_lib.lm_batches(train_source, tokenizer, seq_len=dc.seq_len, batch_size=local_batch,
                                 seed=dc.shuffle_seed, text_key=dc.tfds_text_key,
-                                process_index=jax.process_index(), process_count=jax.process_count())
+                                process_index=shard_index, process_count=shard_count)
   train_iter = iter(batches)
   val_batches = [b["tokens"] for _, b in zip(range(tc.eval_batches), iter(data_lib.lm_batches(
-      val_source, tokenizer, seq_len=dc.seq_len, batch_size=tc.batch_size, seed=0, shuffle=False,
-      text_key=dc.tfds_text_key)))]  # the same held-out batches at every evaluation
+      val_source, tokenizer, seq_len=dc.seq_len, batch_size=local_batch, seed=0, shuffle=False,
+      text_key=dc.tfds_text_key, process_index=shard_index, process_count=shard_count)))]  # the same at every eval
 
   checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
   meta = meta_json(config)
   if checkpointer.latest_step() is not None:
     _check_resumable(checkpointer.read_meta(), config, run_dir)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    state, data_state, _ = checkpointer.restore(abstract)
-    train_iter.set_state(json.loads(data_state["iterator"]))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, _ = checkpointer.restore(abstract)
     log(f"resumed from {checkpointer.directory} at step {int(state['step'])}")
+    if (why := checkpointer.restore_data_iterator(train_iter)) is not None:
+      log(f"the data stream restarts from its beginning: {why}")
 
   counts = count_params(mc)
   log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
@@ -218,21 +276,24 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
       f"out {mc.sparsity_out}, up {mc.sparsity_up}, down {mc.sparsity_down}")
   log(f"data: {dc.source} ({len(train_source)} train / {len(val_source)} validation documents), "
       f"tokenizer {tokenizer.name}, {tc.batch_size} x {dc.seq_len} tokens per step; run directory {run_dir}")
+  log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} x tensor {mesh.shape['tensor']} over "
+      f"{mesh.size} {jax.devices()[0].platform} devices in {jax.process_count()} process(es)")
 
-  metrics_out = _Metrics(run_dir, int(state["step"]))
-  progress = _Progress(tc.steps, tc.progress)
+  metrics_out = _Metrics(run_dir, int(state["step"]), enabled=main_process)
+  progress = _Progress(tc.steps, tc.progress and main_process)
   step = int(state["step"])
   tokens_per_step = tc.batch_size * dc.seq_len
   last = {"step": step}
   window_start, window_steps = time.perf_counter(), 0
 
   def evaluate(params):
-    return float(np.mean([float(eval_step(params, jnp.asarray(b))) for b in val_batches]))
+    return float(np.mean([float(eval_step(params, sharding.make_global_batch(b, mesh, tc.batch_size)))
+                          for b in val_batches]))
 
   stop_at = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
   try:
     while step < stop_at:
-      batch = jnp.asarray(next(train_iter)["tokens"])
+      batch = sharding.make_global_batch(next(train_iter)["tokens"], mesh, tc.batch_size)
       state, metrics = train_step(state, batch)
       step += 1
       window_steps += 1
@@ -252,8 +313,7 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
         log(f"step {step}: validation loss {last['val_loss']:.4f} nats/token")
         window_start = time.perf_counter()
       if step % tc.checkpoint_every == 0 or step == tc.steps:
-        checkpointer.save(step, state, data_state={"iterator": json.dumps(train_iter.get_state())}, meta=meta,
-                          force=step == tc.steps)
+        checkpointer.save(step, state, data_iterator=train_iter, meta=meta, force=step == tc.steps)
   finally:
     progress.close()
     checkpointer.close()
@@ -267,5 +327,6 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
     sample = generate(graphdef, state["params"], prompt, tc.sample_tokens, max_len=dc.seq_len, seed=tc.seed)
     last["sample"] = tc.sample_prompt + tokenizer.decode(sample)
     log("sample:\n" + last["sample"])
-  (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2))
+  if main_process:
+    (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2))
   return last

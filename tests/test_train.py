@@ -10,6 +10,7 @@ import pytest
 from qsparse_jax.checkpoint import CheckpointMismatchError
 from qsparse_jax.config import Config, DataConfig, TrainConfig
 from qsparse_jax.model import ModelConfig
+from qsparse_jax.sharding import MeshConfig
 from qsparse_jax.train import make_schedule, train
 
 
@@ -27,7 +28,8 @@ def small_config(tmp_path, out="run", **train_kwargs) -> Config:
       model=ModelConfig(vocab_size=257, d_model=32, num_layers=1, num_heads=2, d_ff=64, max_seq_len=32)
       .with_sparsity(0.3),
       data=DataConfig(source="files", paths=(str(corpus),), data_dir=str(tmp_path / "tfds"), seq_len=32),
-      train=TrainConfig(**kwargs))
+      train=TrainConfig(**kwargs),
+      mesh=MeshConfig(data=2, fsdp=2, tensor=2))  # the loop runs sharded over conftest's 8 CPU devices
 
 
 def losses(run_dir):
