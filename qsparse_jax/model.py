@@ -135,7 +135,8 @@ class Transformer(nnx.Module):
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     residual = ("batch", None, None)  # the residual stream: split by batch, whole along the model width
-    x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.compute_dtype), residual)
+    table_vd = constrain(self.embed[...], ("vocab", None))  # gather whole rows: FSDP's split of D is undone once
+    x_btd = constrain(jnp.take(table_vd, tokens_bt, axis=0).astype(self.cfg.compute_dtype), residual)
     for block in self.blocks:
       x_btd = constrain(block(x_btd, positions_bt, segment_ids_bt), residual)
     x_btd = self.final_norm(x_btd)

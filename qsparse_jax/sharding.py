@@ -151,16 +151,26 @@ def make_global_batch(local_bt: np.ndarray, mesh: Mesh, global_rows: int) -> jax
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_bt, (global_rows, *local_bt.shape[1:]))
 
 
-def jit_on_mesh(fn, mesh: Mesh, *, in_shardings, out_shardings, donate_argnums=()):
+class _OnMesh:
+  """A jitted function that traces, lowers and runs under jax.set_mesh(mesh)."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
+def jit_on_mesh(fn, mesh: Mesh, *, in_shardings, out_shardings, donate_argnums=()) -> _OnMesh:
   """jax.jit(fn) with explicit shardings, traced and run under jax.set_mesh(mesh) so that the model's activation
   constraints (`constrain`) apply."""
-  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
-
-  def run(*args):
-    with jax.set_mesh(mesh):
-      return jitted(*args)
-
-  return run
+  return _OnMesh(jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums),
+                 mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -41,8 +41,10 @@ def test_sharded_step_matches_one_device(shape):
   mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
   sharded = sharding.shard_train_state(state, tx, mesh)
   tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh))
-  grads_s = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, tokens_s)))(sharded["params"])
-  new_state, metrics_s = step(sharded, tokens_s)
+  with jax.set_mesh(mesh):  # the model's activation constraints apply
+    grads_s = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, tokens_s)))(sharded["params"])
+  step_s = make_train_step(graphdef, tx, mesh, jax.tree.map(lambda x: x.sharding, sharded))
+  new_state, metrics_s = step_s(sharded, tokens_s)
   # float32; the sharded reductions sum in another order: a few ulps on O(1) values (top-K masks are exact).
   np.testing.assert_allclose(metrics_s["loss"], metrics_1["loss"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_1)):
@@ -88,21 +90,24 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
   checkpointer.close()
 
 
-def test_tensor_parallel_step_never_gathers_a_whole_weight():
-  """On a (1, 1, 8) mesh every projection kernel is split over heads or mlp; the compiled step may move
-  activations, but must not all-gather any kernel back to its full shape."""
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 2, 2)])
+def test_tensor_parallel_step_never_gathers_a_whole_weight(shape):
+  """With a tensor axis every projection kernel is split over heads or mlp; the compiled step may move activations
+  and FSDP may gather its own split, but no kernel may be all-gathered back to its full shape."""
   import re
 
-  cfg = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=8, d_ff=128, max_seq_len=16).with_sparsity(0.3)
+  # Widths chosen so that no partly gathered kernel has another kernel's full shape (e.g. [64, 192/2] != [64, 64]).
+  cfg = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=8, d_ff=192, max_seq_len=16).with_sparsity(0.3)
   tx = make_optimizer(TrainConfig(steps=10, warmup_steps=1))
   graphdef, state = init_train_state(cfg, tx, seed=0)
-  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 8))
+  mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
   sharded = sharding.shard_train_state(state, tx, mesh)
   tokens = jax.device_put(jax.random.randint(jax.random.key(0), (8, 17), 0, 64), sharding.batch_sharding(mesh))
-  hlo = make_train_step(graphdef, tx).lower(sharded, tokens).compile().as_text()
+  step = make_train_step(graphdef, tx, mesh, jax.tree.map(lambda x: x.sharding, sharded))
+  hlo = step.lower(sharded, tokens).compile().as_text()
   gathered = {shape for shape in re.findall(r"= (f32\[[0-9,]+\])\{[^}]*\} all-gather\(", hlo)}
   kernels = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(sharded["params"]) if x.ndim == 2}
-  assert kernels == {"f32[64,64]", "f32[64,128]", "f32[128,64]"}
+  assert kernels == {"f32[64,64]", "f32[64,192]", "f32[192,64]"}
   assert not gathered & kernels, gathered & kernels
   sharding.assert_params_sharded(sharded["params"], min_size=64 * 64)
 
