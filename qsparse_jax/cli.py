@@ -1,6 +1,7 @@
 """The `qsparse` command.
 
     qsparse train --config configs/tiny.py [section.field=value ...]
+    qsparse train --distributed --config configs/paper_7b.py ...   (every process of a multi-host job)
 
 Any config field can be overridden, e.g. `train.steps=200 model.sparsity_down=0.5 data.source=files
 data.paths="['notes.txt']"`. Bad input (an unknown field, a wrong type, a missing file, a checkpoint from another
@@ -30,9 +31,16 @@ def _train(args) -> int:
   if args.dry_run:
     print(config)
     return 0
+  if args.distributed:
+    from qsparse_jax import distributed
+
+    distributed.initialize()
   result = train(config)
-  print(f"final: step {result['step']}, train loss {result.get('loss', float('nan')):.4f}, "
-        f"validation loss {result.get('val_loss', float('nan')):.4f}")
+  import jax
+
+  if jax.process_index() == 0:
+    print(f"final: step {result['step']}, train loss {result.get('loss', float('nan')):.4f}, "
+          f"validation loss {result.get('val_loss', float('nan')):.4f}")
   return 0
 
 
@@ -42,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
   p_train = sub.add_parser("train", help="train (or resume) a model from a preset config")
   p_train.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
   p_train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+  p_train.add_argument("--distributed", action="store_true",
+                       help="join a multi-process job (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS / "
+                            "JAX_NUM_PROCESSES / JAX_PROCESS_ID) before training")
   p_train.add_argument("overrides", nargs="*", help="section.field=value overrides")
   args = parser.parse_args(argv)
   try:

@@ -18,6 +18,7 @@ import sysconfig
 from typing import Iterable, Protocol, Sequence
 
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -187,13 +188,28 @@ def _expand(paths: Sequence[str]) -> list[pathlib.Path]:
   return files
 
 
+def _prepare(builder, **kwargs) -> None:
+  """download_and_prepare, by process 0 first when several processes share one data_dir, then by the others
+  (which then find it built, or build their own copy on a host-local disk)."""
+  prepare = lambda: builder.download_and_prepare(**kwargs)  # noqa: E731
+  if jax.process_count() == 1:
+    return prepare()
+  from jax.experimental import multihost_utils
+
+  if jax.process_index() == 0:
+    prepare()
+  multihost_utils.sync_global_devices(f"qsparse_jax: {builder.name} prepared")
+  if jax.process_index() != 0:
+    prepare()
+
+
 def text_source(cfg: DataConfig, split: str):
   """Random-access source of {"text": ...} records for split "train" or "validation"; builds the dataset if needed."""
   data_dir = str(pathlib.Path(cfg.data_dir).expanduser())
   if cfg.source == "tfds":
     split_name = "validation" if split == "validation" else "train"
     builder = tfds.builder(cfg.tfds_name, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    _prepare(builder)
     if split_name not in builder.info.splits:
       split_name = "test" if "test" in builder.info.splits else split_name
     return builder.as_data_source(split=split_name)
@@ -204,7 +220,7 @@ def text_source(cfg: DataConfig, split: str):
   else:
     raise ValueError(f"data.source must be 'python_stdlib', 'files' or 'tfds', got {cfg.source!r}")
   builder = TextFiles(corpus=corpus, files=files, validation_fraction=cfg.validation_fraction, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  _prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return builder.as_data_source(split=split)
 
 
@@ -234,6 +250,9 @@ def lm_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, s
   ds = grain.MapDataset.source(source)
   if process_count > 1:
     ds = ds[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"data shard {process_index} of {process_count} has no documents: the split has {len(source)}; "
+                     "use more (or smaller) documents than processes reading them")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
