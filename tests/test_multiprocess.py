@@ -1,12 +1,13 @@
 """Two real processes joined by jax.distributed on 127.0.0.1 (gloo collectives) train like one process on one mesh.
 
-Each process runs `qsparse train --distributed` with 4 CPU devices of its own and reads its own rows of every batch;
+Each process runs `qsparse train --distributed` (through scripts/launch_gpu_hosts.py) with 4 CPU devices of its own and reads its own rows of every batch;
 together they form the (data 2, fsdp 2, tensor 2) mesh. The reference runs here, on conftest's 8 devices in one
 process, on the same mesh and the same global batches (process 0's rows, then process 1's).
 """
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from qsparse_jax.config import load_preset
 from qsparse_jax.train import init_train_state, make_optimizer, make_train_step
 
 STEPS = 4
+LAUNCHER = pathlib.Path(__file__).parents[1] / "scripts" / "launch_gpu_hosts.py"
 
 
 def write_preset(tmp_path):
@@ -78,13 +80,13 @@ def test_two_processes_train_like_one(tmp_path):
   config = load_preset(preset)
   ref_losses, ref_state = reference_run(config)
 
+  # Started as a user starts each host's process, through the multi-host launcher.
   coordinator = f"127.0.0.1:{free_port()}"
-  procs = []
-  for process_id in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4", "JAX_COORDINATOR_ADDRESS": coordinator,
-           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(process_id)}
-    procs.append(subprocess.Popen([sys.executable, "-m", "qsparse_jax.cli", "train", "--distributed", "--config",
-                                   str(preset)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+  procs = [subprocess.Popen([sys.executable, str(LAUNCHER), "--coordinator", coordinator, "--num-processes", "2",
+                             "--process-id", str(process_id), "--config", str(preset)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for process_id in range(2)]
   outputs = [proc.communicate(timeout=600) for proc in procs]
   for proc, (out, err) in zip(procs, outputs):
     assert proc.returncode == 0, err[-3000:]
