@@ -1,0 +1,94 @@
+"""sparse_matvec (XLA fast path and the Pallas TPU kernel in interpret mode) against NumPy written here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import dispatch
+from pallas_kernels.sparse_matvec import sparse_matvec, topk_values_indices
+from pallas_kernels.sparse_matvec.reference import sparse_matvec_reference
+
+# Accumulation is float32 in every path; the sum order differs (chunks, column blocks), so float32 results agree to
+# a few ulps of the row norms. bfloat16 inputs are exact in float32, the only rounding is the final cast to
+# bfloat16 (8 bits of mantissa: 2^-8 relative).
+TOLERANCE = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def np_sparse_matvec(values, indices, w):
+  """y[b] = Σ_j values[b, j] · w[indices[b, j]], in float64."""
+  w64 = np.asarray(w, np.float64)
+  return np.stack([np.asarray(v, np.float64) @ w64[i] for v, i in zip(values, indices)])
+
+
+def random_problem(seed, b, d, n, k, dtype):
+  rng = np.random.default_rng(seed)
+  w = jnp.asarray(rng.standard_normal((d, n)), dtype)
+  indices = np.stack([np.sort(rng.choice(d, k, replace=False)) for _ in range(b)]).astype(np.int32)
+  values = jnp.asarray(rng.standard_normal((b, k)), dtype)
+  return values, jnp.asarray(indices), w
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), b=st.sampled_from([1, 3, 16]), d=st.sampled_from([16, 96, 256]),
+       n=st.sampled_from([128, 200, 384]), keep=st.sampled_from([1 / 16, 0.4, 1.0]),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_sparse_matvec_matches_numpy(backend, seed, b, d, n, keep, dtype):
+  k = max(1, round(keep * d))
+  values, indices, w = random_problem(seed, b, d, n, k, dtype)
+  y = sparse_matvec(values, indices, w, backend=backend)
+  assert y.shape == (b, n) and y.dtype == dtype
+  want = np_sparse_matvec(values.astype(jnp.float32), indices, w.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, **TOLERANCE[dtype])
+  np.testing.assert_allclose(np.asarray(sparse_matvec_reference(values, indices, w)), want,
+                             **TOLERANCE[jnp.float32])
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_padding_repeated_rows_and_zero_values(backend):
+  """Zero values contribute nothing wherever they point (how callers pad); an index may repeat across rows."""
+  values, indices, w = random_problem(0, 2, 64, 128, 10, jnp.float32)
+  values = values.at[1].set(0.0)
+  y = sparse_matvec(values, indices.at[0, 3].set(indices[0, 2]), w, backend=backend)
+  np.testing.assert_array_equal(np.asarray(y[1]), np.zeros(128, np.float32))
+  want = np_sparse_matvec(values, indices.at[0, 3].set(indices[0, 2]), w)
+  np.testing.assert_allclose(np.asarray(y), want, **TOLERANCE[jnp.float32])
+
+
+def test_topk_values_indices_is_the_dense_topk_in_gathered_form():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 300)), jnp.float32)
+  x = x.at[0, :20].set(1.5).at[0, 100:120].set(-1.5)  # ties: the lower indices win
+  values, indices = topk_values_indices(x, 30)
+  a = np.abs(np.asarray(x))
+  for row in range(4):
+    want = np.sort(np.argsort(-a[row], kind="stable")[:30])
+    np.testing.assert_array_equal(np.asarray(indices[row]), want)
+    np.testing.assert_array_equal(np.asarray(values[row]), np.asarray(x)[row, want])
+  w = jnp.asarray(np.random.default_rng(2).standard_normal((300, 128)), jnp.float32)
+  masked = np.zeros_like(np.asarray(x))
+  np.put_along_axis(masked, np.asarray(indices), np.asarray(values), axis=1)
+  np.testing.assert_allclose(np.asarray(sparse_matvec(values, indices, w)), masked @ np.asarray(w),
+                             rtol=2e-5, atol=2e-5)
+
+
+def test_bad_input_is_named():
+  values, indices, w = random_problem(0, 1, 32, 128, 4, jnp.float32)
+  with pytest.raises(ValueError, match=r"values and indices must both be \[B, K\]"):
+    sparse_matvec(values, indices[:, :3], w)
+  with pytest.raises(ValueError, match="indices must be integers"):
+    sparse_matvec(values, indices.astype(jnp.float32), w)
+  with pytest.raises(ValueError, match=r"W must be \[D, N\]"):
+    sparse_matvec(values, indices, w[0])
+  with pytest.raises(ValueError, match="backend must be one of 'auto', 'xla', 'pallas'"):
+    sparse_matvec(values, indices, w, backend="triton")
+  with pytest.raises(ValueError, match=r"0 < k <= D"):
+    topk_values_indices(jnp.ones((2, 8)), 9)
+
+
+def test_auto_picks_the_xla_path_on_cpu_and_the_kernel_on_tpu():
+  assert dispatch.resolve("auto", pallas_platforms=("tpu",)) == (
+      ("pallas", False) if jax.default_backend() == "tpu" else ("xla", False))
+  assert dispatch.resolve("pallas", pallas_platforms=("tpu",))[1] == (jax.default_backend() != "tpu")
