@@ -18,8 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import dispatch
+from pallas_kernels.nm_matmul import ops as nm_ops
+from pallas_kernels.topk import ops as topk_ops
 from qsparse_jax.sharding import constrain
-from qsparse_jax.sparsity import SparsityConfig, sparsify, ternarize
+from qsparse_jax.sparsity import SparsityConfig, keep_count, sparsify, ternarize
 
 DENSE = SparsityConfig()
 
@@ -28,6 +31,19 @@ def logical_axes(axes: tuple[str | None, ...]) -> dict:
   """nnx.Variable metadata naming a parameter's logical axes; no mesh is needed to build a layer (the names are
   mapped to mesh axes, and shardings applied, under jit)."""
   return {"out_sharding": axes, "eager_sharding": False}
+
+
+def sparsify_site(x: jax.Array, site: SparsityConfig, kernels: str = "auto") -> jax.Array:
+  """sparsify(x, site), through the Pallas top-K kernel when `kernels` selects Pallas for a plain top-K site.
+
+  kernels: "auto" (Pallas where a kernel is compiled for the platform, plain JAX on the CPU), "xla" or "pallas"
+  (pallas_kernels.dispatch). Sites with n:m blocks, int8 activations or the L2 rescale use the plain-JAX operators.
+  """
+  k = keep_count(x.shape[-1], site.sparsity)
+  if 0 < k < x.shape[-1] and site.block is None and site.act_bits is None and not site.l2_rescale:
+    if dispatch.resolve(kernels, pallas_platforms=topk_ops.PALLAS_PLATFORMS)[0] == "pallas":
+      return topk_ops.topk_sparsify(x, k, gradient=site.gradient, backend=kernels)
+  return sparsify(x, site)
 
 
 def site_kwargs(cfg: SparsityConfig) -> dict:
@@ -47,6 +63,8 @@ class SparseLinear(nnx.Linear):
     ternary_weights: BitNet b1.58 absmean ternary fake quantization of the kernel (method.md §4).
     l2_rescale: see `topk_sparsify`.
     kernel_axes: logical axis names of the [in, out] kernel, default ("embed", "mlp"); the bias gets the second.
+    kernels: "auto" | "xla" | "pallas", which implementation of the sparse core to use (see `sparsify_site`); with
+      Pallas selected, an n:m site multiplies through the nm_matmul kernel.
 
   Input [..., in_features] -> output [..., out_features]. Parameters are `kernel` [in, out] and `bias` [out], named
   as in nnx.Linear, so state moves between the two unchanged.
@@ -55,7 +73,7 @@ class SparseLinear(nnx.Linear):
   def __init__(self, in_features: int, out_features: int, *, sparsity: float = 0.0, gradient: str = "ste",
                block: tuple[int, int] | None = None, act_bits: int | None = None, ternary_weights: bool = False,
                l2_rescale: bool = False, kernel_axes: tuple[str | None, str | None] = ("embed", "mlp"),
-               rngs: nnx.Rngs, **linear_kwargs):
+               kernels: str = "auto", rngs: nnx.Rngs, **linear_kwargs):
     site = SparsityConfig(sparsity=sparsity, gradient=gradient, block=tuple(block) if block else None,
                           act_bits=act_bits, l2_rescale=l2_rescale)
     linear_kwargs.setdefault("kernel_metadata", logical_axes(tuple(kernel_axes)))
@@ -63,20 +81,27 @@ class SparseLinear(nnx.Linear):
     super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
     if site.block is not None and in_features % site.block[1]:
       raise ValueError(f"block m={site.block[1]} must divide in_features={in_features}")
+    dispatch.resolve(kernels, pallas_platforms=())  # validate the name now
     self.site = site
     self.ternary_weights = ternary_weights
+    self.kernels = kernels
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    x = sparsify(inputs, self.site)
     kernel = self.kernel[...]
     if self.ternary_weights:
       kernel = ternarize(kernel)
     bias = self.bias[...] if self.bias is not None else None
+    n_m_kernel = (self.site.block is not None and self.site.act_bits is None
+                  and dispatch.resolve(self.kernels, pallas_platforms=nm_ops.PALLAS_PLATFORMS)[0] == "pallas")
+    x = inputs if n_m_kernel else sparsify_site(inputs, self.site, self.kernels)
     x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
-    kwargs = {"out_sharding": out_sharding}
-    if self.preferred_element_type is not None:
-      kwargs["preferred_element_type"] = self.preferred_element_type
-    y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision, **kwargs)
+    if n_m_kernel:  # Block Q-Sparse: the mask is made tile by tile inside the matmul
+      y = nm_ops.nm_matmul(x, kernel, *self.site.block, backend=self.kernels)
+    else:
+      kwargs = {"out_sharding": out_sharding}
+      if self.preferred_element_type is not None:
+        kwargs["preferred_element_type"] = self.preferred_element_type
+      y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision, **kwargs)
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
@@ -156,13 +181,14 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
                qkv_site: SparsityConfig = DENSE, out_site: SparsityConfig = DENSE, qkv_bias: bool = False,
-               rope_theta: float = 10000.0, ternary_weights: bool = False, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               rope_theta: float = 10000.0, ternary_weights: bool = False, kernels: str = "auto", dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
     head_dim = head_dim or d_model // num_heads
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-    common = dict(ternary_weights=ternary_weights, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    common = dict(ternary_weights=ternary_weights, kernels=kernels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.kernels = kernels
     self.q_proj = SparseLinear(d_model, num_heads * head_dim, use_bias=qkv_bias, kernel_axes=("embed", "heads"),
                                **common)
     self.k_proj = SparseLinear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias,
@@ -178,7 +204,7 @@ class Attention(nnx.Module):
   def project_qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
     """Sparsify x once (the q/k/v site) and return RoPE'd q [B,T,N,K], k [B,T,H,K] and v [B,T,H,K]."""
     b, t, _ = x_btd.shape
-    xs_btd = sparsify(x_btd, self.qkv_site)
+    xs_btd = sparsify_site(x_btd, self.qkv_site, self.kernels)
     q = constrain(self.q_proj(xs_btd).reshape(b, t, self.num_heads, self.head_dim), ("batch", None, "heads", None))
     k = constrain(self.k_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim),
                   ("batch", None, "kv_heads", None))
@@ -219,10 +245,12 @@ class GLUFeedForward(nnx.Module):
   """
 
   def __init__(self, d_model: int, d_ff: int, *, activation: Activation = "relu2", in_site: SparsityConfig = DENSE,
-               down_site: SparsityConfig = DENSE, ternary_weights: bool = False, dtype=None,
+               down_site: SparsityConfig = DENSE, ternary_weights: bool = False, kernels: str = "auto", dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     glu_activation(jnp.zeros(()), activation)  # validate the name now
-    common = dict(use_bias=False, ternary_weights=ternary_weights, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    common = dict(use_bias=False, ternary_weights=ternary_weights, kernels=kernels, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
+    self.kernels = kernels
     self.gate_proj = SparseLinear(d_model, d_ff, kernel_axes=("embed", "mlp"), **common)
     self.up_proj = SparseLinear(d_model, d_ff, kernel_axes=("embed", "mlp"), **common)
     self.down_proj = SparseLinear(d_ff, d_model, kernel_axes=("mlp", "embed"), **site_kwargs(down_site), **common)
@@ -230,7 +258,7 @@ class GLUFeedForward(nnx.Module):
     self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xs = sparsify(x, self.in_site)
+    xs = sparsify_site(x, self.in_site, self.kernels)
     hidden = glu_activation(self.gate_proj(xs), self.activation) * self.up_proj(xs)
     if hidden.ndim == 3:
       hidden = constrain(hidden, ("batch", None, "mlp"))

@@ -51,8 +51,11 @@ class ModelConfig:
   act_bits: int | None = None  # 8 for the paper's int8 activations
   ternary_weights: bool = False  # BitNet b1.58 weights
   dtype: str = "float32"  # compute dtype; parameters are float32
+  kernels: Literal["auto", "xla", "pallas"] = "auto"  # the sparse core's implementation (pallas_kernels.dispatch)
 
   def __post_init__(self):
+    if self.kernels not in ("auto", "xla", "pallas"):
+      raise ValueError(f"model.kernels must be 'auto', 'xla' or 'pallas', got {self.kernels!r}")
     positive = ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len")
     for name in positive:
       value = getattr(self, name)
@@ -101,7 +104,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     sites = cfg.sites()
-    common = dict(ternary_weights=cfg.ternary_weights, dtype=cfg.compute_dtype, rngs=rngs)
+    common = dict(ternary_weights=cfg.ternary_weights, kernels=cfg.kernels, dtype=cfg.compute_dtype, rngs=rngs)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.attn = Attention(cfg.d_model, cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
                           qkv_site=sites["qkv"], out_site=sites["out"], qkv_bias=cfg.qkv_bias,

@@ -206,7 +206,7 @@ def _check_resumable(meta: dict, config: Config, run_dir: pathlib.Path) -> None:
   stored_model, stored_tok = meta.get("model", {}), meta.get("data", {}).get("tokenizer")
   current = meta_json(config)
   for field, value in current["model"].items():
-    if field in stored_model and stored_model[field] != value:
+    if field in stored_model and stored_model[field] != value and field != "kernels":  # kernels: not the weights
       raise CheckpointMismatchError(
           f"checkpoint in {run_dir} was written with model.{field}={stored_model[field]!r}, this config has "
           f"{value!r}: use another train.out_dir, or the same model config to resume")
