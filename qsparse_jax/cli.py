@@ -2,6 +2,7 @@
 
     qsparse train --config configs/tiny.py [section.field=value ...]
     qsparse train --distributed --config configs/paper_7b.py ...   (every process of a multi-host job)
+    qsparse generate --checkpoint runs/tiny --prompt "def main():" [--max-new-tokens 200 --temperature 0.8]
 
 Any config field can be overridden, e.g. `train.steps=200 model.sparsity_down=0.5 data.source=files
 data.paths="['notes.txt']"`. Bad input (an unknown field, a wrong type, a missing file, a checkpoint from another
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 
 # Quiet TFDS / absl chatter before they are imported.
@@ -44,6 +46,62 @@ def _train(args) -> int:
   return 0
 
 
+def _generate(args) -> int:
+  import absl.logging
+
+  from qsparse_jax import decode, inference
+
+  absl.logging.set_verbosity(absl.logging.FATAL)
+  if (args.prompt is None) == (args.prompts_file is None):
+    raise ValueError("give exactly one of --prompt TEXT and --prompts-file FILE")
+  if args.prompts_file is not None:
+    path = pathlib.Path(args.prompts_file)
+    if not path.is_file():
+      raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+      raise ValueError(f"prompts file {str(path)!r} has no prompts (one per line)")
+  else:
+    prompts = [args.prompt]
+  if any(not p for p in prompts):
+    raise ValueError("the prompt is empty: give some text to continue")
+  sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+  loaded = inference.load(args.checkpoint, tokenizer=args.tokenizer)
+  tok = loaded.tokenizer
+  ids = [tok.encode(p) for p in prompts]
+  if any(len(i) == 0 for i in ids):
+    raise ValueError("the prompt encodes to no tokens: give some text to continue")
+  streaming = len(prompts) == 1
+  shown = {"ids": [], "text": ""}
+
+  def stream(tokens):
+    if tokens[0] is None:
+      return
+    shown["ids"].append(tokens[0])
+    text = tok.decode(shown["ids"])
+    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      sys.stdout.write(text[len(shown["text"]):])
+      sys.stdout.flush()
+      shown["text"] = text
+
+  if streaming:
+    sys.stdout.write(prompts[0])
+    sys.stdout.flush()
+  result = decode.generate(loaded.graphdef, loaded.params, loaded.config.model, ids, sampling,
+                           decode_text=tok.decode, sparse=not args.dense, on_tokens=stream if streaming else None)
+  if streaming:
+    print(tok.decode(result.tokens[0])[len(shown["text"]):])
+  else:
+    for prompt, new in zip(prompts, result.tokens):
+      print(prompt + tok.decode(new) + "\n")
+  count = sum(map(len, result.tokens))
+  print(f"{count} tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
+        f"({'dense' if args.dense else 'sparse'} decode, batch {len(prompts)}, checkpoint step {loaded.step})",
+        file=sys.stderr)
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="qsparse", description="Q-Sparse language models in JAX")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -54,9 +112,21 @@ def main(argv: list[str] | None = None) -> int:
                        help="join a multi-process job (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS / "
                             "JAX_NUM_PROCESSES / JAX_PROCESS_ID) before training")
   p_train.add_argument("overrides", nargs="*", help="section.field=value overrides")
+  p_gen = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache, sparse decode)")
+  p_gen.add_argument("--checkpoint", required=True, help="run directory of `qsparse train` (or its checkpoints/)")
+  p_gen.add_argument("--prompt", help="text to continue; streamed to the terminal as it is written")
+  p_gen.add_argument("--prompts-file", help="a file with one prompt per line, decoded as one batch")
+  p_gen.add_argument("--max-new-tokens", type=int, default=200)
+  p_gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+  p_gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+  p_gen.add_argument("--top-p", type=float, default=1.0, help="sample within this much probability mass")
+  p_gen.add_argument("--seed", type=int, default=0)
+  p_gen.add_argument("--stop", action="append", default=[], help="end a row when its text ends with this (repeatable)")
+  p_gen.add_argument("--tokenizer", help="refuse to run unless the checkpoint was trained with this tokenizer")
+  p_gen.add_argument("--dense", action="store_true", help="decode with dense projections (for comparison)")
   args = parser.parse_args(argv)
   try:
-    return {"train": _train}[args.command](args)
+    return {"train": _train, "generate": _generate}[args.command](args)
   except (ValueError, FileNotFoundError) as err:
     print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
     return 2

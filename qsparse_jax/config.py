@@ -91,6 +91,29 @@ class Config:
   mesh: MeshConfig = MeshConfig()
 
 
+def config_from_json(stored: dict) -> Config:
+  """The Config a checkpoint was written with, from its JSON form (checkpoint.meta_json); lists become tuples.
+
+  Fields this version does not know are refused by name; fields it added since are left at their defaults.
+  """
+  sections = {}
+  for section in dataclasses.fields(Config):
+    cls = section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))
+    hints = typing.get_type_hints(cls)
+    values = dict(stored.get(section.name, {}))
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+      raise ValueError(f"the checkpoint's config has {section.name}.{unknown[0]}, which this version of qsparse-jax "
+                       "does not know")
+    sections[section.name] = cls(**{k: tuple(map(_tuple_if_list, v)) if isinstance(v, list) else v
+                                    for k, v in values.items()})
+  return Config(**sections)
+
+
+def _tuple_if_list(v):
+  return tuple(v) if isinstance(v, list) else v
+
+
 def load_preset(path: str | pathlib.Path) -> Config:
   """Execute a preset file and return its module-level `config`."""
   path = pathlib.Path(path)

@@ -12,7 +12,7 @@ F feed-forward.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,10 @@ from flax import nnx
 
 from pallas_kernels import dispatch
 from pallas_kernels.nm_matmul import ops as nm_ops
+from pallas_kernels.sparse_matvec import ops as smv_ops
 from pallas_kernels.topk import ops as topk_ops
 from qsparse_jax.sharding import constrain
-from qsparse_jax.sparsity import SparsityConfig, keep_count, sparsify, ternarize
+from qsparse_jax.sparsity import SparsityConfig, keep_count, quantize_activations, sparsify, ternarize
 
 DENSE = SparsityConfig()
 
@@ -44,6 +45,27 @@ def sparsify_site(x: jax.Array, site: SparsityConfig, kernels: str = "auto") -> 
     if dispatch.resolve(kernels, pallas_platforms=topk_ops.PALLAS_PLATFORMS)[0] == "pallas":
       return topk_ops.topk_sparsify(x, k, gradient=site.gradient, backend=kernels)
   return sparsify(x, site)
+
+
+class Kept(NamedTuple):
+  """A top-K sparsified input with one token per row, as its kept entries: values [B, K] at indices [B, K]."""
+
+  values: jax.Array
+  indices: jax.Array
+
+
+def keep_entries(x_bd: jax.Array, site: SparsityConfig) -> Kept | None:
+  """sparsify(x_bd, site) in kept form, the input of the sparse decode matvec; None where the site keeps every
+  entry or is n:m or L2-rescaled (those decode through the dense path). With act_bits the kept values are the
+  fake-quantized ones (the per-token scale comes from max|x|, which top-K always keeps)."""
+  d = x_bd.shape[-1]
+  k = keep_count(d, site.sparsity)
+  if not 0 < k < d or site.block is not None or site.l2_rescale:
+    return None
+  values, indices = smv_ops.topk_values_indices(x_bd, k)
+  if site.act_bits is not None:
+    values = jnp.take_along_axis(quantize_activations(x_bd, site.act_bits), indices, axis=-1)
+  return Kept(values, indices)
 
 
 def site_kwargs(cfg: SparsityConfig) -> dict:
@@ -105,6 +127,18 @@ class SparseLinear(nnx.Linear):
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
+
+  def project_kept(self, kept: Kept) -> jax.Array:
+    """y [B, out] = (x ⊙ M) W + b from the kept entries of x, reading only their rows of W (sparse_matvec)."""
+    kernel = ternarize(self.kernel[...]) if self.ternary_weights else self.kernel[...]
+    dtype = self.dtype or kept.values.dtype
+    y = smv_ops.sparse_matvec(kept.values.astype(dtype), kept.indices, kernel.astype(dtype), backend=self.kernels)
+    return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+  def decode(self, x_bd: jax.Array) -> jax.Array:
+    """The projection of one token per row [B, in]: through its own site's kept entries when it has them."""
+    kept = keep_entries(x_bd, self.site)
+    return self(x_bd) if kept is None else self.project_kept(kept)
 
 
 class RMSNorm(nnx.Module):
@@ -222,6 +256,34 @@ class Attention(nnx.Module):
     out_btnk = causal_attention(q, k, v, causal_mask(positions_bt, segment_ids_bt))
     return self.o_proj(out_btnk.reshape(b, t, self.num_heads * self.head_dim))
 
+  def cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: dict, *, sparse: bool = True):
+    """Attention of new tokens over a KV cache: (out [B, T, D], cache with their k and v written).
+
+    cache: {"k", "v"} [B, S, H, K]; each row's new tokens sit at its own positions_bt [B, T] and see the cache
+    entries at positions <= theirs (entries past a row's last token are never seen). With sparse and one token per
+    row (a decode step), the q/k/v and output projections multiply only the rows of W their kept entries select.
+    """
+    b, t, _ = x_btd.shape
+    kept = keep_entries(x_btd[:, 0], self.qkv_site) if sparse and t == 1 else None
+    if kept is None:
+      xs_btd = sparsify_site(x_btd, self.qkv_site, self.kernels)
+      project = lambda layer: layer(xs_btd)  # noqa: E731
+    else:
+      project = lambda layer: layer.project_kept(kept)[:, None]  # noqa: E731
+    q = project(self.q_proj).reshape(b, t, self.num_heads, self.head_dim)
+    k = project(self.k_proj).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = project(self.v_proj).reshape(b, t, self.num_kv_heads, self.head_dim)
+    inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
+    q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
+    rows = jnp.arange(b)[:, None]
+    cache = {"k": cache["k"].at[rows, positions_bt].set(k.astype(cache["k"].dtype)),
+             "v": cache["v"].at[rows, positions_bt].set(v.astype(cache["v"].dtype))}
+    visible_bts = jnp.arange(cache["k"].shape[1])[None, None, :] <= positions_bt[:, :, None]
+    out_btnk = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), visible_bts)
+    out = out_btnk.reshape(b, t, self.num_heads * self.head_dim)
+    out = self.o_proj.decode(out[:, 0])[:, None] if sparse and t == 1 else self.o_proj(out)
+    return out, cache
+
 
 Activation = Literal["relu2", "silu"]
 
@@ -263,3 +325,13 @@ class GLUFeedForward(nnx.Module):
     if hidden.ndim == 3:
       hidden = constrain(hidden, ("batch", None, "mlp"))
     return self.down_proj(hidden)
+
+  def decode(self, x_bd: jax.Array) -> jax.Array:
+    """One token per row [B, D]: gate, up and down multiply only the rows of W their kept entries select."""
+    kept = keep_entries(x_bd, self.in_site)
+    if kept is None:
+      xs = sparsify_site(x_bd, self.in_site, self.kernels)
+      hidden = glu_activation(self.gate_proj(xs), self.activation) * self.up_proj(xs)
+    else:
+      hidden = glu_activation(self.gate_proj.project_kept(kept), self.activation) * self.up_proj.project_kept(kept)
+    return self.down_proj.decode(hidden)

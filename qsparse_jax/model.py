@@ -117,6 +117,14 @@ class Block(nnx.Module):
     x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt).astype(x_btd.dtype)
     return x_btd + self.ffn(self.ffn_norm(x_btd)).astype(x_btd.dtype)
 
+  def cached(self, x_btd, positions_bt, cache: dict, *, sparse: bool = True):
+    """The block over new tokens with a KV cache (Attention.cached): (x [B, T, D], cache)."""
+    attn_out, cache = self.attn.cached(self.attn_norm(x_btd), positions_bt, cache, sparse=sparse)
+    x_btd = x_btd + attn_out.astype(x_btd.dtype)
+    h_btd = self.ffn_norm(x_btd)
+    ffn_out = self.ffn.decode(h_btd[:, 0])[:, None] if sparse and x_btd.shape[1] == 1 else self.ffn(h_btd)
+    return x_btd + ffn_out.astype(x_btd.dtype), cache
+
 
 class Transformer(nnx.Module):
   """The decoder: tokens [B, T] int -> logits [B, T, V] float32."""
@@ -146,6 +154,27 @@ class Transformer(nnx.Module):
     head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
     return constrain(logits_btv, ("batch", None, "vocab"))
+
+  def cached(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: list[dict], *, sparse: bool = True):
+    """Logits [B, T, V] of new tokens at positions_bt [B, T] given the KV cache of earlier ones, and the updated
+    cache (init_cache). Prefill is one call with the prompts; each decode step, one with a token per row. With
+    sparse, a decode step's projections read only the rows of W that their kept activations select."""
+    x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.compute_dtype)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x_btd, layer_cache = block.cached(x_btd, positions_bt, layer_cache, sparse=sparse)
+      new_cache.append(layer_cache)
+    x_btd = self.final_norm(x_btd)
+    head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+    return logits_btv, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> list[dict]:
+  """An empty KV cache: per layer {"k", "v"} zeros [batch, max_len, kv_heads, head_size] in the compute dtype."""
+  shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
+  return [{"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+          for _ in range(cfg.num_layers)]
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

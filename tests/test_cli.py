@@ -2,12 +2,14 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 from qsparse_jax.checkpoint import Checkpointer
 from qsparse_jax.config import load_preset
@@ -83,3 +85,49 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
   restored, meta = checkpointer.restore(abstract)
   assert int(restored["step"]) == 3 and (checkpointer.directory / "3" / "data" / "process_0-of-1.json").exists() and meta["model"]["d_model"] == 32
   checkpointer.close()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """A 3-step run of the small preset (on a (4, 1, 2) mesh of conftest's devices) to generate from."""
+  tmp_path = tmp_path_factory.mktemp("trained")
+  preset = write_preset(tmp_path)
+  train(dataclasses.replace(load_preset(preset), mesh=MeshConfig(data=4, tensor=2)), log=lambda _: None,
+        stop_after=3)
+  return tmp_path / "run"
+
+
+def test_generate_streams_and_matches_the_library(trained_run):
+  from qsparse_jax import decode, inference
+
+  run_dir = trained_run
+  result = run_cli("generate", "--checkpoint", str(run_dir), "--prompt", "all the", "--max-new-tokens", "6",
+                   "--temperature", "0")
+  assert result.returncode == 0, result.stderr
+  loaded = inference.load(run_dir)
+  tok = loaded.tokenizer
+  want = decode.generate(loaded.graphdef, loaded.params, loaded.config.model, [tok.encode("all the")],
+                         decode.SamplingConfig(max_new_tokens=6))
+  assert result.stdout == "all the" + tok.decode(want.tokens[0]) + "\n"
+  assert loaded.step == 3
+  assert re.fullmatch(r"6 tokens in [0-9.]+ s: [0-9.]+ tokens/s \(sparse decode, batch 1, checkpoint step 3\)",
+                      result.stderr.strip().splitlines()[-1])
+
+
+def test_generate_bad_input_is_one_error_line(trained_run, tmp_path):
+  run_dir = trained_run
+  cases = [
+      (["--checkpoint", str(run_dir), "--prompt", ""], "the prompt is empty: give some text to continue"),
+      (["--checkpoint", str(run_dir), "--prompt", "x" * 250, "--max-new-tokens", "10"],
+       "a prompt of 250 tokens plus 10 new ones exceeds the model's context of 256 tokens; shorten the prompt or "
+       "ask for fewer tokens"),
+      (["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "a"],
+       f"checkpoint directory {str(tmp_path / 'nowhere')!r} does not exist"),
+      (["--checkpoint", str(run_dir), "--prompt", "a", "--tokenizer", "sentencepiece:/m.model"],
+       "the checkpoint was trained with tokenizer 'byte', not 'sentencepiece:/m.model'; leave the tokenizer out to "
+       "use the checkpoint's"),
+  ]
+  for args, message in cases:
+    result = run_cli("generate", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"qsparse generate: error: {message}"]

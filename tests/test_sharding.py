@@ -29,14 +29,20 @@ def test_rules_refuse_two_axes_on_one_mesh_axis():
     sharding.logical_to_mesh(("mlp", "heads"))
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
-def test_sharded_step_matches_one_device(shape):
+@pytest.fixture(scope="module")
+def one_device():
+  """The reference on one device: state, tokens, gradients and the step's metrics (computed once)."""
   tx = make_optimizer(TrainConfig(steps=10, warmup_steps=1))
   graphdef, state = init_train_state(CFG, tx, seed=0)
   tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 64)
-  grads_1 = jax.grad(lambda p: lm_loss(graphdef, p, tokens))(state["params"])
-  step = make_train_step(graphdef, tx)
-  _, metrics_1 = step(jax.tree.map(jnp.copy, state), tokens)
+  grads = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, tokens)))(state["params"])
+  _, metrics = make_train_step(graphdef, tx)(jax.tree.map(jnp.copy, state), tokens)
+  return tx, graphdef, state, tokens, grads, metrics
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
+def test_sharded_step_matches_one_device(shape, one_device):
+  tx, graphdef, state, tokens, grads_1, metrics_1 = one_device
 
   mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
   sharded = sharding.shard_train_state(state, tx, mesh)

@@ -1,0 +1,135 @@
+"""Text generation with a KV cache: prefill the prompts in one call, then one token per row per step.
+
+Prompts of different lengths go in one batch, right-padded: each row's tokens sit at their own positions, and a
+row's first new token comes from the logits at its last prompt position. Decode steps run the sparse path
+(Transformer.cached with sparse=True): every projection multiplies only the rows of W that its kept activations
+select (pallas_kernels.sparse_matvec; the plain-JAX fast path on the CPU). Sampling is greedy (temperature 0) or
+from softmax(logits / temperature) restricted to the top-k tokens and to the smallest set of probability >= top_p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qsparse_jax.model import ModelConfig, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off; stop: strings that end a row."""
+
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_logits(logits_bv: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """Next tokens [B] int32 from logits [B, V] (greedy when temperature is 0)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits = logits_bv.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if top_k:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
+    # the smallest prefix whose probability reaches top_p: keep tokens whose preceding mass is below top_p
+    cutoff_index = jnp.sum(cumulative - jax.nn.softmax(sorted_desc, axis=-1) < top_p, axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_desc, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sparse"), donate_argnames=("cache",))
+def _run(graphdef, params, cache, tokens_bt, positions_bt, *, sparse: bool):
+  return nnx.merge(graphdef, params).cached(tokens_bt, positions_bt, cache, sparse=sparse)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def _sample(logits_bv, key, *, temperature, top_k, top_p):
+  return sample_logits(logits_bv, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]  # the new tokens of each prompt (up to and including a stop sequence)
+  seconds: float  # wall time of the decode steps (after prefill)
+  steps: int
+
+  @property
+  def tokens_per_second(self) -> float:
+    return sum(map(len, self.tokens)) / max(self.seconds, 1e-9)
+
+
+def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+             decode_text: Callable[[list[int]], str] | None = None, sparse: bool = True,
+             on_tokens: Callable[[list[int | None]], None] | None = None) -> Generation:
+  """Continue every prompt (token ids) by up to sampling.max_new_tokens tokens.
+
+  decode_text turns ids into text; it is needed to match sampling.stop. on_tokens is called after each step with
+  every row's new token (None for rows already stopped), for streaming.
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (an empty prompt has nothing to continue)")
+  longest = max(map(len, prompts))
+  if longest + sampling.max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new ones exceeds the model's "
+                     f"context of {cfg.max_seq_len} tokens; shorten the prompt or ask for fewer tokens")
+  if sampling.stop and decode_text is None:
+    raise ValueError("stop sequences need decode_text to compare against")
+  b = len(prompts)
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  tokens = np.zeros((b, longest), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, : len(prompt)] = prompt
+  positions = np.broadcast_to(np.arange(longest, dtype=np.int32), (b, longest))
+  cache = init_cache(cfg, b, longest + sampling.max_new_tokens)
+  logits, cache = _run(graphdef, params, cache, jnp.asarray(tokens), jnp.asarray(positions), sparse=sparse)
+  last_logits = logits[jnp.arange(b), jnp.asarray(lengths - 1)]
+
+  key = jax.random.key(sampling.seed)
+  new = [[] for _ in range(b)]
+  done = np.zeros(b, bool)
+  knobs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+  start = time.perf_counter()
+  steps = 0
+  for step in range(sampling.max_new_tokens):
+    key, sub = jax.random.split(key)
+    next_tokens = np.asarray(_sample(last_logits, sub, **knobs))
+    active = np.flatnonzero(~done)
+    for row in active:
+      new[row].append(int(next_tokens[row]))
+      if sampling.stop and any(decode_text(new[row]).endswith(s) for s in sampling.stop):
+        done[row] = True
+    if on_tokens is not None:
+      on_tokens([int(next_tokens[row]) if row in active else None for row in range(b)])
+    steps += 1
+    if done.all() or step == sampling.max_new_tokens - 1:
+      break
+    positions_b1 = jnp.asarray((lengths + step)[:, None])
+    logits, cache = _run(graphdef, params, cache, jnp.asarray(next_tokens[:, None]), positions_b1, sparse=sparse)
+    last_logits = logits[:, 0]
+  return Generation(tokens=new, seconds=time.perf_counter() - start, steps=steps)

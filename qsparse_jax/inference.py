@@ -1,0 +1,65 @@
+"""Loading a trained run for inference: its config, tokenizer and parameters from the latest Orbax checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+from flax import nnx
+
+from qsparse_jax import data as data_lib
+from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError
+from qsparse_jax.config import Config, config_from_json
+from qsparse_jax.model import Transformer
+from qsparse_jax.train import make_optimizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: Config
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  tokenizer: data_lib.Tokenizer
+  step: int
+
+
+def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+  """The checkpoints folder of a run directory (or the folder itself if it holds the numbered checkpoints)."""
+  path = pathlib.Path(path).expanduser()
+  if not path.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+  for candidate in (path / "checkpoints", path):
+    if any(p.name.isdigit() for p in candidate.glob("*") if p.is_dir()):
+      return candidate
+  raise FileNotFoundError(f"no checkpoint in {str(path)!r} (expected a run directory of `qsparse train`, or its "
+                          "checkpoints/ folder)")
+
+
+def load(path: str | pathlib.Path, *, tokenizer: str | None = None) -> LoadedModel:
+  """The model of the latest checkpoint under path, its config and tokenizer.
+
+  tokenizer: to insist on one (e.g. "byte"); a different one than the checkpoint was trained with is refused.
+  """
+  checkpointer = Checkpointer(checkpoint_dir(path))
+  try:
+    config = config_from_json(checkpointer.read_meta())
+    if tokenizer is not None and tokenizer != config.data.tokenizer:
+      raise CheckpointMismatchError(f"the checkpoint was trained with tokenizer {config.data.tokenizer!r}, not "
+                                    f"{tokenizer!r}; leave the tokenizer out to use the checkpoint's")
+    tok = data_lib.make_tokenizer(config.data.tokenizer)
+    if tok.vocab_size > config.model.vocab_size:
+      raise CheckpointMismatchError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the model only "
+                                    f"{config.model.vocab_size}")
+    tx = make_optimizer(config.train)
+    model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(model)
+    abstract = {"step": jax.ShapeDtypeStruct((), "int32"), "params": abstract_params,
+                "opt_state": jax.eval_shape(tx.init, abstract_params)}
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh wrote it
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), abstract)
+    state, _ = checkpointer.restore(abstract)
+  finally:
+    checkpointer.close()
+  return LoadedModel(config=config, graphdef=graphdef, params=state["params"], tokenizer=tok,
+                     step=int(state["step"]))
