@@ -45,7 +45,8 @@ def test_sharded_step_matches_one_device(shape, one_device):
   tx, graphdef, state, tokens, grads_1, metrics_1 = one_device
 
   mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
-  sharded = sharding.shard_train_state(state, tx, mesh)
+  # A copy: the step donates its state, and device_put may hand device 0 the reference's own buffers.
+  sharded = sharding.shard_train_state(jax.tree.map(jnp.copy, state), tx, mesh)
   tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):  # the model's activation constraints apply
     grads_s = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, tokens_s)))(sharded["params"])
