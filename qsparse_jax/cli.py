@@ -96,7 +96,7 @@ def _generate(args) -> int:
     for prompt, new in zip(prompts, result.tokens):
       print(prompt + tok.decode(new) + "\n")
   count = sum(map(len, result.tokens))
-  print(f"{count} tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
+  print(f"{count} tokens, decoding at {result.tokens_per_second:.1f} tokens/s "
         f"({'dense' if args.dense else 'sparse'} decode, batch {len(prompts)}, checkpoint step {loaded.step})",
         file=sys.stderr)
   return 0

@@ -76,12 +76,14 @@ def _sample(logits_bv, key, *, temperature, top_k, top_p):
 @dataclasses.dataclass
 class Generation:
   tokens: list[list[int]]  # the new tokens of each prompt (up to and including a stop sequence)
-  seconds: float  # wall time of the decode steps (after prefill)
+  seconds: float  # wall time of the decode steps after the first one (which compiles): the steady state
   steps: int
+  timed_tokens: int  # the tokens those steps produced
 
   @property
   def tokens_per_second(self) -> float:
-    return sum(map(len, self.tokens)) / max(self.seconds, 1e-9)
+    """Steady-state decoding speed (0 when too few steps ran to measure it)."""
+    return self.timed_tokens / self.seconds if self.seconds > 0 and self.timed_tokens else 0.0
 
 
 def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
@@ -114,12 +116,13 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
   new = [[] for _ in range(b)]
   done = np.zeros(b, bool)
   knobs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-  start = time.perf_counter()
-  steps = 0
+  start, timed_tokens, steps = None, 0, 0
   for step in range(sampling.max_new_tokens):
     key, sub = jax.random.split(key)
     next_tokens = np.asarray(_sample(last_logits, sub, **knobs))
     active = np.flatnonzero(~done)
+    if step >= 2:  # tokens from the decode calls after the first (which compiles): the steady-state rate
+      timed_tokens += len(active)
     for row in active:
       new[row].append(int(next_tokens[row]))
       if sampling.stop and any(decode_text(new[row]).endswith(s) for s in sampling.stop):
@@ -132,4 +135,8 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
     positions_b1 = jnp.asarray((lengths + step)[:, None])
     logits, cache = _run(graphdef, params, cache, jnp.asarray(next_tokens[:, None]), positions_b1, sparse=sparse)
     last_logits = logits[:, 0]
-  return Generation(tokens=new, seconds=time.perf_counter() - start, steps=steps)
+    if step == 0:
+      jax.block_until_ready(last_logits)
+      start = time.perf_counter()
+  seconds = time.perf_counter() - start if start is not None else 0.0
+  return Generation(tokens=new, seconds=seconds, steps=steps, timed_tokens=timed_tokens)

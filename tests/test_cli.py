@@ -110,7 +110,7 @@ def test_generate_streams_and_matches_the_library(trained_run):
                          decode.SamplingConfig(max_new_tokens=6))
   assert result.stdout == "all the" + tok.decode(want.tokens[0]) + "\n"
   assert loaded.step == 3
-  assert re.fullmatch(r"6 tokens in [0-9.]+ s: [0-9.]+ tokens/s \(sparse decode, batch 1, checkpoint step 3\)",
+  assert re.fullmatch(r"6 tokens, decoding at [0-9.]+ tokens/s \(sparse decode, batch 1, checkpoint step 3\)",
                       result.stderr.strip().splitlines()[-1])
 
 
