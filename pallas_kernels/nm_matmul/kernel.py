@@ -21,7 +21,6 @@ from jax.experimental.pallas import tpu as pltpu
 def group_mask(x_tgm: jax.Array, n: int) -> jax.Array:
   """[T, G, m] bool: the n largest |x| of each group (last axis), ties to the lower index."""
   key = lax.bitcast_convert_type(jnp.abs(x_tgm.astype(jnp.float32)), jnp.int32)
-  m = x_tgm.shape[-1]
 
   def count(mask):
     return jnp.sum(mask.astype(jnp.int32), axis=-1, keepdims=True)
@@ -33,8 +32,7 @@ def group_mask(x_tgm: jax.Array, n: int) -> jax.Array:
   tau = lax.fori_loop(0, 31, value_bit, jnp.zeros(key.shape[:-1] + (1,), jnp.int32))
   need = n - count(key > tau)
   ties = key == tau
-  pos = lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
-  rank = jnp.cumsum(ties.astype(jnp.int32), axis=-1) if m > 1 else ties.astype(jnp.int32)
+  rank = jnp.cumsum(ties.astype(jnp.int32), axis=-1)  # 1-based rank among the ties, lowest position first
   return (key > tau) | (ties & (rank <= need))
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
-from pallas_kernels.ternary_matmul.kernel import ternary_matmul_pallas
+from pallas_kernels.ternary_matmul.kernel import ternary_matmul_pallas, unpack_plane
 
 PALLAS_PLATFORMS = ("tpu",)
 
@@ -26,8 +26,7 @@ def pack_ternary(codes_dn: jax.Array) -> jax.Array:
 
 def unpack_ternary(packed_qn: jax.Array) -> jax.Array:
   """uint8 [Q, N] -> int8 codes [4Q, N] in {−1, 0, 1}; the inverse of pack_ternary."""
-  planes = [(packed_qn.astype(jnp.int32) >> (2 * p)) & 3 for p in range(4)]
-  return jnp.where(jnp.concatenate(planes) == 2, -1, jnp.concatenate(planes)).astype(jnp.int8)
+  return jnp.concatenate([unpack_plane(packed_qn, plane) for plane in range(4)])
 
 
 def _tile(size: int, candidates: tuple[int, ...]) -> int:
