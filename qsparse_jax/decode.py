@@ -63,14 +63,17 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, *, temperature: float, t
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sparse"), donate_argnames=("cache",))
-def _run(graphdef, params, cache, tokens_bt, positions_bt, *, sparse: bool):
-  return nnx.merge(graphdef, params).cached(tokens_bt, positions_bt, cache, sparse=sparse)
-
-
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def _sample(logits_bv, key, *, temperature, top_k, top_p):
-  return sample_logits(logits_bv, key, temperature=temperature, top_k=top_k, top_p=top_p)
+@functools.partial(jax.jit, static_argnames=("graphdef", "sparse", "temperature", "top_k", "top_p"),
+                   donate_argnames=("cache",))
+def _forward_and_sample(graphdef, params, cache, tokens_bt, positions_bt, last_b, key, step, *, sparse: bool,
+                        temperature: float, top_k: int, top_p: float):
+  """One model call on new tokens [B, T] (the prompts, or one token per row) and the next token of every row from
+  its logits at position last_b [B] of the call: (next tokens [B] int32, cache). One dispatch per decode step."""
+  logits_btv, cache = nnx.merge(graphdef, params).cached(tokens_bt, positions_bt, cache, sparse=sparse)
+  last_logits_bv = jnp.take_along_axis(logits_btv, last_b[:, None, None], axis=1)[:, 0]
+  next_b = sample_logits(last_logits_bv, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
+                         top_p=top_p)
+  return next_b, cache
 
 
 @dataclasses.dataclass
@@ -109,17 +112,17 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
     tokens[row, : len(prompt)] = prompt
   positions = np.broadcast_to(np.arange(longest, dtype=np.int32), (b, longest))
   cache = init_cache(cfg, b, longest + sampling.max_new_tokens)
-  logits, cache = _run(graphdef, params, cache, jnp.asarray(tokens), jnp.asarray(positions), sparse=sparse)
-  last_logits = logits[jnp.arange(b), jnp.asarray(lengths - 1)]
-
+  run = functools.partial(_forward_and_sample, graphdef, params, sparse=sparse, temperature=sampling.temperature,
+                          top_k=sampling.top_k, top_p=sampling.top_p)
   key = jax.random.key(sampling.seed)
+  next_tokens, cache = run(cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(lengths - 1), key, 0)
+
   new = [[] for _ in range(b)]
   done = np.zeros(b, bool)
-  knobs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+  last_b = jnp.zeros((b,), jnp.int32)
   start, timed_tokens, steps = None, 0, 0
   for step in range(sampling.max_new_tokens):
-    key, sub = jax.random.split(key)
-    next_tokens = np.asarray(_sample(last_logits, sub, **knobs))
+    next_tokens = np.asarray(next_tokens)
     active = np.flatnonzero(~done)
     if step >= 2:  # tokens from the decode calls after the first (which compiles): the steady-state rate
       timed_tokens += len(active)
@@ -132,11 +135,9 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
     steps += 1
     if done.all() or step == sampling.max_new_tokens - 1:
       break
-    positions_b1 = jnp.asarray((lengths + step)[:, None])
-    logits, cache = _run(graphdef, params, cache, jnp.asarray(next_tokens[:, None]), positions_b1, sparse=sparse)
-    last_logits = logits[:, 0]
+    next_tokens, cache = run(cache, next_tokens[:, None], (lengths + step)[:, None], last_b, key, step + 1)
     if step == 0:
-      jax.block_until_ready(last_logits)
+      jax.block_until_ready(next_tokens)
       start = time.perf_counter()
   seconds = time.perf_counter() - start if start is not None else 0.0
   return Generation(tokens=new, seconds=seconds, steps=steps, timed_tokens=timed_tokens)

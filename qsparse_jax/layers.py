@@ -130,15 +130,22 @@ class SparseLinear(nnx.Linear):
 
   def project_kept(self, kept: Kept) -> jax.Array:
     """y [B, out] = (x ⊙ M) W + b from the kept entries of x, reading only their rows of W (sparse_matvec)."""
-    kernel = ternarize(self.kernel[...]) if self.ternary_weights else self.kernel[...]
-    dtype = self.dtype or kept.values.dtype
-    y = smv_ops.sparse_matvec(kept.values.astype(dtype), kept.indices, kernel.astype(dtype), backend=self.kernels)
-    return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+    (y,) = project_kept(kept, self)
+    return y
 
   def decode(self, x_bd: jax.Array) -> jax.Array:
     """The projection of one token per row [B, in]: through its own site's kept entries when it has them."""
     kept = keep_entries(x_bd, self.site)
     return self(x_bd) if kept is None else self.project_kept(kept)
+
+
+def project_kept(kept: Kept, *layers: SparseLinear) -> tuple[jax.Array, ...]:
+  """y [B, out_l] = (x ⊙ M) W_l + b_l for each layer l that reads the same sparsified input (q, k and v; gate and
+  up): one sparse_matvecs pass over the kept entries, reading only their rows of every W_l."""
+  dtype = layers[0].dtype or kept.values.dtype
+  kernels = tuple((ternarize(l.kernel[...]) if l.ternary_weights else l.kernel[...]).astype(dtype) for l in layers)
+  ys = smv_ops.sparse_matvecs(kept.values.astype(dtype), kept.indices, kernels, backend=layers[0].kernels)
+  return tuple(y if l.bias is None else y + l.bias[...].astype(y.dtype) for y, l in zip(ys, layers))
 
 
 class RMSNorm(nnx.Module):
@@ -267,12 +274,12 @@ class Attention(nnx.Module):
     kept = keep_entries(x_btd[:, 0], self.qkv_site) if sparse and t == 1 else None
     if kept is None:
       xs_btd = sparsify_site(x_btd, self.qkv_site, self.kernels)
-      project = lambda layer: layer(xs_btd)  # noqa: E731
+      q, k, v = self.q_proj(xs_btd), self.k_proj(xs_btd), self.v_proj(xs_btd)
     else:
-      project = lambda layer: layer.project_kept(kept)[:, None]  # noqa: E731
-    q = project(self.q_proj).reshape(b, t, self.num_heads, self.head_dim)
-    k = project(self.k_proj).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = project(self.v_proj).reshape(b, t, self.num_kv_heads, self.head_dim)
+      q, k, v = (y[:, None] for y in project_kept(kept, self.q_proj, self.k_proj, self.v_proj))
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
     q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
     rows = jnp.arange(b)[:, None]
@@ -333,5 +340,6 @@ class GLUFeedForward(nnx.Module):
       xs = sparsify_site(x_bd, self.in_site, self.kernels)
       hidden = glu_activation(self.gate_proj(xs), self.activation) * self.up_proj(xs)
     else:
-      hidden = glu_activation(self.gate_proj.project_kept(kept), self.activation) * self.up_proj.project_kept(kept)
+      gate, up = project_kept(kept, self.gate_proj, self.up_proj)
+      hidden = glu_activation(gate, self.activation) * up
     return self.down_proj.decode(hidden)

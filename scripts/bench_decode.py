@@ -1,13 +1,17 @@
-"""Sparse vs dense KV-cache decoding of a 100M-parameter model (issue: sparse inference; target >= 1.8 at batch 1).
+"""Sparse vs dense KV-cache decoding of 100M-parameter models (issue: sparse inference; target >= 1.8 at batch 1).
 
-One process, float32, random weights: a 103M-parameter decoder (d_model 1024, 8 layers, 16 heads, d_ff 2816, byte
-vocabulary, so the dense embedding/unembedding is a negligible 0.5M), decoded greedily for 128 tokens after a
-16-token prompt, once with dense projections (sparsity 0) and once with Q-Sparse keeping 40% at every site (the
-same weights). After one warm-up generation each, rounds alternate dense and sparse; the figure is the median over
-rounds of the steady-state decode rates (prefill and the first, compiling, step excluded). Batch 8 is reported too. The last line is
-`decode_sparse_vs_dense_b1: <speedup>`.
+One process, float32, random weights, byte vocabulary (so the dense embedding/unembedding is negligible). Two
+models of 103M parameters:
 
-    python scripts/bench_decode.py [--tokens 128] [--rounds 3]
+  wide  (the headline): 2 layers with TinyLlama-1.1B's layer shape, d_model 2048, d_ff 5632, 32 heads;
+  deep: 8 layers of d_model 1024, d_ff 2816, 16 heads.
+
+Each decodes greedily for 128 tokens after a 16-token prompt, once with dense projections (sparsity 0) and once with
+Q-Sparse keeping 40% at every site (the same weights). After one warm-up generation each, rounds alternate dense and
+sparse; the figure is the median over rounds of the steady-state decode rates (prefill and the first, compiling,
+step excluded). The last line is `decode_sparse_vs_dense_b1: <speedup>` of the wide model.
+
+    python scripts/bench_decode.py [--tokens 128] [--rounds 3] [--models wide,deep]
 """
 
 import argparse
@@ -19,7 +23,33 @@ from flax import nnx
 from qsparse_jax.decode import SamplingConfig, generate
 from qsparse_jax.model import ModelConfig, Transformer, count_params
 
-DENSE = ModelConfig(vocab_size=257, d_model=1024, num_layers=8, num_heads=16, d_ff=2816, max_seq_len=512)
+MODELS = {
+    "wide": ModelConfig(vocab_size=257, d_model=2048, num_layers=2, num_heads=32, d_ff=5632, max_seq_len=512),
+    "deep": ModelConfig(vocab_size=257, d_model=1024, num_layers=8, num_heads=16, d_ff=2816, max_seq_len=512),
+}
+
+
+def speedups(dense_cfg: ModelConfig, keep: float, tokens: int, rounds: int) -> dict[int, float]:
+  """Median sparse/dense decode-rate ratio per batch size (8 and 1), printing each batch's rates."""
+  sparse_cfg = dense_cfg.with_sparsity(1.0 - keep)
+  graphdef_dense, params = nnx.split(Transformer(dense_cfg, rngs=nnx.Rngs(0)))
+  graphdef_sparse, _ = nnx.split(nnx.eval_shape(lambda: Transformer(sparse_cfg, rngs=nnx.Rngs(0))))
+  sampling = SamplingConfig(max_new_tokens=tokens)
+  rng = np.random.default_rng(0)
+  result = {}
+  for batch in (8, 1):
+    prompts = [list(rng.integers(0, 256, 16)) for _ in range(batch)]
+    runs = {"dense": (graphdef_dense, dense_cfg), "sparse": (graphdef_sparse, sparse_cfg)}
+    for graphdef, cfg in runs.values():  # warm-up: compile prefill and the decode step for these shapes
+      generate(graphdef, params, cfg, prompts, sampling)
+    rates = {name: [] for name in runs}
+    for _ in range(rounds):
+      for name, (graphdef, cfg) in runs.items():
+        rates[name].append(generate(graphdef, params, cfg, prompts, sampling).tokens_per_second)
+    result[batch] = float(np.median(np.asarray(rates["sparse"]) / np.asarray(rates["dense"])))
+    print(f"  batch {batch}: dense {np.median(rates['dense']):7.1f} tokens/s, sparse "
+          f"{np.median(rates['sparse']):7.1f} tokens/s: {result[batch]:.2f}x", flush=True)
+  return result
 
 
 def main():
@@ -27,28 +57,21 @@ def main():
   parser.add_argument("--tokens", type=int, default=128)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--keep", type=float, default=0.4)
+  parser.add_argument("--models", default="wide,deep", help=f"comma-separated, from {sorted(MODELS)}")
   args = parser.parse_args()
-  sparse_cfg = DENSE.with_sparsity(1.0 - args.keep)
-  graphdef_dense, params = nnx.split(Transformer(DENSE, rngs=nnx.Rngs(0)))
-  graphdef_sparse, _ = nnx.split(nnx.eval_shape(lambda: Transformer(sparse_cfg, rngs=nnx.Rngs(0))))
-  print(f"{jax.default_backend()}, float32, {count_params(DENSE)['total'] / 1e6:.1f}M parameters, "
-        f"{args.tokens} new tokens after 16, {args.keep:.0%} kept at every site when sparse")
-  sampling = SamplingConfig(max_new_tokens=args.tokens)
-  rng = np.random.default_rng(0)
-  speedups = {}
-  for batch in (8, 1):
-    prompts = [list(rng.integers(0, 256, 16)) for _ in range(batch)]
-    runs = {"dense": (graphdef_dense, DENSE), "sparse": (graphdef_sparse, sparse_cfg)}
-    for graphdef, cfg in runs.values():  # warm-up: compile prefill and the decode step for these shapes
-      generate(graphdef, params, cfg, prompts, sampling)
-    rates = {name: [] for name in runs}
-    for _ in range(args.rounds):
-      for name, (graphdef, cfg) in runs.items():
-        rates[name].append(generate(graphdef, params, cfg, prompts, sampling).tokens_per_second)
-    speedups[batch] = float(np.median(np.asarray(rates["sparse"]) / np.asarray(rates["dense"])))
-    print(f"batch {batch}: dense {np.median(rates['dense']):7.1f} tokens/s, sparse "
-          f"{np.median(rates['sparse']):7.1f} tokens/s: {speedups[batch]:.2f}x")
-  print(f"decode_sparse_vs_dense_b1: {speedups[1]:.2f}")
+  names = args.models.split(",")
+  unknown = sorted(set(names) - set(MODELS))
+  if unknown:
+    parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+  print(f"{jax.default_backend()}, float32, {args.tokens} new tokens after 16, {args.keep:.0%} kept at every site "
+        f"when sparse")
+  results = {}
+  for name in names:
+    cfg = MODELS[name]
+    print(f"{name}: {count_params(cfg)['total'] / 1e6:.1f}M parameters, {cfg.num_layers} layers, d_model "
+          f"{cfg.d_model}, d_ff {cfg.d_ff}", flush=True)
+    results[name] = speedups(cfg, args.keep, args.tokens, args.rounds)
+  print(f"decode_sparse_vs_dense_b1: {results[names[0]][1]:.2f}")
 
 
 if __name__ == "__main__":

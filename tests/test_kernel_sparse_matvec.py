@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import dispatch
-from pallas_kernels.sparse_matvec import sparse_matvec, topk_values_indices
+from pallas_kernels.sparse_matvec import sparse_matvec, sparse_matvecs, topk_values_indices
+from pallas_kernels.sparse_matvec.ops import kept_indices
 from pallas_kernels.sparse_matvec.reference import sparse_matvec_reference
 
 # Accumulation is float32 in every path; the sum order differs (chunks, column blocks), so float32 results agree to
@@ -72,6 +73,28 @@ def test_topk_values_indices_is_the_dense_topk_in_gathered_form():
   np.put_along_axis(masked, np.asarray(indices), np.asarray(values), axis=1)
   np.testing.assert_allclose(np.asarray(sparse_matvec(values, indices, w)), masked @ np.asarray(w),
                              rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("d", [5, 64, 200, 4161])
+def test_kept_indices_are_the_positions_of_the_mask(d):
+  rng = np.random.default_rng(d)
+  k = max(1, d // 3)
+  mask = np.zeros((3, d), bool)
+  for row in range(3):
+    mask[row, rng.choice(d, k, replace=False)] = True
+  got = np.asarray(jax.jit(kept_indices, static_argnums=1)(jnp.asarray(mask), k))
+  np.testing.assert_array_equal(got, np.stack([np.flatnonzero(m) for m in mask]))
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_sparse_matvecs_equal_one_matvec_per_weight(backend):
+  values, indices, w = random_problem(3, 2, 256, 384, 100, jnp.float32)
+  ws = (w[:, :128], w, w[:, 128:256] * 2)  # the widths of q, k and v or of gate and up may differ
+  ys = sparse_matvecs(values, indices, ws, backend=backend)
+  for y, w_dn in zip(ys, ws):
+    np.testing.assert_allclose(np.asarray(y), np_sparse_matvec(values, indices, w_dn), **TOLERANCE[jnp.float32])
+  with pytest.raises(ValueError, match="same input size D"):
+    sparse_matvecs(values, indices, (w, w[:128]))
 
 
 def test_bad_input_is_named():

@@ -21,13 +21,35 @@ from qsparse_jax.selection import mask_from_thresholds, row_thresholds
 PALLAS_PLATFORMS = ("tpu",)
 
 
+def _running_count(mask_bd: jax.Array, block: int = 64) -> jax.Array:
+  """Inclusive running count of True along each row, [B, D] int32: within blocks of `block` entries a product with
+  an upper-triangular matrix of ones, then the block offsets the same way (0/1 sums below 2**24 are exact in float32;
+  on the CPU this is several times faster than jnp.cumsum, which XLA lowers to a log-depth scan)."""
+  b, d = mask_bd.shape
+  m_bnj = jnp.pad(mask_bd.astype(jnp.float32), ((0, 0), (0, (-d) % block))).reshape(b, -1, block)
+  within_bnj = jnp.einsum("bni,ij->bnj", m_bnj, jnp.triu(jnp.ones((block, block), jnp.float32)),
+                          precision=lax.Precision.HIGHEST)
+  nb = m_bnj.shape[1]
+  offsets_bn = jnp.einsum("bm,mn->bn", within_bnj[:, :, -1], jnp.triu(jnp.ones((nb, nb), jnp.float32), 1),
+                          precision=lax.Precision.HIGHEST)
+  return (within_bnj + offsets_bn[:, :, None]).reshape(b, -1)[:, :d].astype(jnp.int32)
+
+
+def kept_indices(mask_bd: jax.Array, k: int) -> jax.Array:
+  """The positions of the True entries of each row, ascending, [B, k] int32 (rows hold exactly k of them)."""
+  b, d = mask_bd.shape
+  slot_bd = jnp.where(mask_bd, _running_count(mask_bd) - 1, k)  # unkept entries go to slot k, dropped
+  rows_bd = lax.broadcasted_iota(jnp.int32, (b, d), 0)
+  positions_bd = lax.broadcasted_iota(jnp.int32, (b, d), 1)
+  return jnp.zeros((b, k), jnp.int32).at[rows_bd, slot_bd].set(positions_bd, mode="drop")
+
+
 def topk_values_indices(x_bd: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """The K largest-|x| entries of each row as (values [B, K], indices [B, K] ascending): Topk(|x|) of method.md
   Eq. 2 in gathered form (exact, ties to the lower index, as qsparse_jax.topk_mask)."""
   if x_bd.ndim != 2 or not 0 < k <= x_bd.shape[1]:
     raise ValueError(f"expected x [B, D] and 0 < k <= D, got shape {x_bd.shape} and k={k}")
-  mask_bd = mask_from_thresholds(x_bd, *row_thresholds(x_bd, k))
-  indices_bk = jax.vmap(lambda m: jnp.nonzero(m, size=k, fill_value=0)[0])(mask_bd).astype(jnp.int32)
+  indices_bk = kept_indices(mask_from_thresholds(x_bd, *row_thresholds(x_bd, k)), k)
   return jnp.take_along_axis(x_bd, indices_bk, axis=1), indices_bk
 
 
@@ -41,21 +63,26 @@ def _check(values_bk, indices_bk, w_dn):
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
-def _xla_sparse_matvec(values_bk, indices_bk, w_dn, *, chunk: int):
+def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, *, chunk: int) -> tuple:
+  """[B, N_w] float32 for each W in ws_dn: one scan over the kept entries that reads row i_j of every W in the same
+  loop body (the projections of one sparsified input share their chunks of values and indices)."""
   b, k = values_bk.shape
-  n = w_dn.shape[1]
   padded = -(-k // chunk) * chunk  # padding entries have value 0 (at row 0)
   v_cbj = jnp.pad(values_bk.astype(jnp.float32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
   i_cbj = jnp.pad(indices_bk.astype(jnp.int32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
 
-  def body(acc_bn, chunk_in):
+  def body(acc, chunk_in):
     v_bj, i_bj = chunk_in
-    rows = [[v_bj[r, j] * lax.dynamic_index_in_dim(w_dn, i_bj[r, j], keepdims=False).astype(jnp.float32)
-             for j in range(chunk)] for r in range(b)]
-    return acc_bn + jnp.stack([sum(row) for row in rows]), None
 
-  y_bn, _ = lax.scan(body, jnp.zeros((b, n), jnp.float32), (v_cbj, i_cbj))
-  return y_bn
+    def axpys(w_dn):  # [B, N]: Σ_j v_j W[i_j] for each batch row, one fused loop
+      return jnp.stack([sum(v_bj[r, j] * lax.dynamic_index_in_dim(w_dn, i_bj[r, j], keepdims=False)
+                            .astype(jnp.float32) for j in range(chunk)) for r in range(b)])
+
+    return tuple(a + axpys(w) for a, w in zip(acc, ws_dn)), None
+
+  init = tuple(jnp.zeros((b, w.shape[1]), jnp.float32) for w in ws_dn)
+  ys, _ = lax.scan(body, init, (v_cbj, i_cbj))
+  return ys
 
 
 def _block(size: int, candidates: tuple[int, ...]) -> int:
@@ -70,15 +97,30 @@ def sparse_matvec(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array, 
   input). Small batches (B up to 16) each keep their own entries. Accumulates in float32; returns the dtype of
   values and W promoted. Indices must be in range (they are not checked inside jit).
   """
-  _check(values_bk, indices_bk, w_dn)
-  out_dtype = jnp.promote_types(values_bk.dtype, w_dn.dtype)
+  (y_bn,) = sparse_matvecs(values_bk, indices_bk, (w_dn,), backend=backend, chunk=chunk)
+  return y_bn
+
+
+def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backend: str = "auto",
+                   chunk: int = 16) -> tuple[jax.Array, ...]:
+  """(x ⊙ M) W for each W [D, N_w] in ws_dn, the projections that read one sparsified input (q, k and v; gate and
+  up). The CPU fast path streams the selected row of every W in one pass; the kernel runs once per W."""
+  ws_dn = tuple(ws_dn)
+  if not ws_dn:
+    raise ValueError("expected at least one weight matrix")
+  for w_dn in ws_dn:
+    _check(values_bk, indices_bk, w_dn)
+  if len({w.shape[0] for w in ws_dn}) != 1:
+    raise ValueError(f"every W must have the same input size D, got shapes {[w.shape for w in ws_dn]}")
+  out_dtypes = [jnp.promote_types(values_bk.dtype, w.dtype) for w in ws_dn]
   impl, interpret = dispatch.resolve(backend, pallas_platforms=PALLAS_PLATFORMS)
   if impl == "xla":
-    return _xla_sparse_matvec(values_bk, indices_bk, w_dn, chunk=chunk).astype(out_dtype)
+    ys = _xla_sparse_matvecs(values_bk, indices_bk, ws_dn, chunk=chunk)
+    return tuple(y.astype(t) for y, t in zip(ys, out_dtypes))
   k = values_bk.shape[1]
   bk = min(128, -(-k // 8) * 8)
   padded = -(-k // bk) * bk
   values = jnp.pad(values_bk, ((0, 0), (0, padded - k)))
   indices = jnp.pad(indices_bk, ((0, 0), (0, padded - k)))
-  bn = _block(w_dn.shape[1], (2048, 1024, 512, 256, 128))
-  return sparse_matvec_pallas(values, indices, w_dn, bk=bk, bn=bn, interpret=interpret).astype(out_dtype)
+  return tuple(sparse_matvec_pallas(values, indices, w, bk=bk, bn=_block(w.shape[1], (2048, 1024, 512, 256, 128)),
+                                    interpret=interpret).astype(t) for w, t in zip(ws_dn, out_dtypes))
