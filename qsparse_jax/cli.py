@@ -3,6 +3,7 @@
     qsparse train --config configs/tiny.py [section.field=value ...]
     qsparse train --distributed --config configs/paper_7b.py ...   (every process of a multi-host job)
     qsparse generate --checkpoint runs/tiny --prompt "def main():" [--max-new-tokens 200 --temperature 0.8]
+    qsparse eval --checkpoint runs/tiny [--batches 16 --json eval.json] [data.field=value ...]
 
 Any config field can be overridden, e.g. `train.steps=200 model.sparsity_down=0.5 data.source=files
 data.paths="['notes.txt']"`. Bad input (an unknown field, a wrong type, a missing file, a checkpoint from another
@@ -102,6 +103,37 @@ def _generate(args) -> int:
   return 0
 
 
+def _eval(args) -> int:
+  import absl.logging
+  import tensorflow_datasets as tfds
+
+  from qsparse_jax import evaluation, inference
+  from qsparse_jax.config import apply_overrides
+
+  absl.logging.set_verbosity(absl.logging.FATAL)
+  tfds.disable_progress_bar()
+  bad = [o for o in args.overrides if not o.strip().startswith("data.")]
+  if bad:
+    raise ValueError(f"eval takes only data.* overrides (the text to measure on), got {bad[0]!r}")
+  for name in ("batches", "batch_size"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+  loaded = inference.load(args.checkpoint)
+  config = apply_overrides(loaded.config, args.overrides)
+  batches = evaluation.validation_batches(
+      config, loaded.tokenizer, num_batches=args.batches or config.train.eval_batches,
+      batch_size=args.batch_size or config.train.batch_size)
+  result = evaluation.evaluate(loaded.graphdef, loaded.params, config.model, batches, step=loaded.step)
+  if args.json == "-":
+    print(result.dumps())
+    return 0
+  print(result.table())
+  if args.json is not None:
+    pathlib.Path(args.json).write_text(result.dumps() + "\n")
+    print(f"wrote {args.json}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="qsparse", description="Q-Sparse language models in JAX")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -124,9 +156,16 @@ def main(argv: list[str] | None = None) -> int:
   p_gen.add_argument("--stop", action="append", default=[], help="end a row when its text ends with this (repeatable)")
   p_gen.add_argument("--tokenizer", help="refuse to run unless the checkpoint was trained with this tokenizer")
   p_gen.add_argument("--dense", action="store_true", help="decode with dense projections (for comparison)")
+  p_eval = sub.add_parser("eval", help="validation loss and measured sparsity per projection (the paper's Table 2)")
+  p_eval.add_argument("--checkpoint", required=True, help="run directory of `qsparse train` (or its checkpoints/)")
+  p_eval.add_argument("--batches", type=int, help="validation batches to measure on (default: train.eval_batches)")
+  p_eval.add_argument("--batch-size", type=int, help="sequences per batch (default: train.batch_size)")
+  p_eval.add_argument("--json", help="also write the figures as JSON to this file ('-': print JSON instead)")
+  p_eval.add_argument("overrides", nargs="*", help="data.field=value: measure on other text, e.g. data.source=files "
+                                                   "data.paths=\"['notes.txt']\"")
   args = parser.parse_args(argv)
   try:
-    return {"train": _train, "generate": _generate}[args.command](args)
+    return {"train": _train, "generate": _generate, "eval": _eval}[args.command](args)
   except (ValueError, FileNotFoundError) as err:
     print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
     return 2

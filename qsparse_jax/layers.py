@@ -68,6 +68,11 @@ def keep_entries(x_bd: jax.Array, site: SparsityConfig) -> Kept | None:
   return Kept(values, indices)
 
 
+# Name of the [zeros, entries] count a SparseLinear sows for nnx.capture(..., nnx.Intermediate): how many entries of
+# the input it multiplied were zero (after its site's top-K, and any zeros the input had already).
+INPUT_ZEROS = "input_zeros"
+
+
 def site_kwargs(cfg: SparsityConfig) -> dict:
   """SparseLinear keyword arguments that reproduce a site config."""
   return dataclasses.asdict(cfg)
@@ -116,6 +121,10 @@ class SparseLinear(nnx.Linear):
     n_m_kernel = (self.site.block is not None and self.site.act_bits is None
                   and dispatch.resolve(self.kernels, pallas_platforms=nm_ops.PALLAS_PLATFORMS)[0] == "pallas")
     x = inputs if n_m_kernel else sparsify_site(inputs, self.site, self.kernels)
+    if getattr(self, "__captures__", None) is not None:  # inside nnx.capture (qsparse_jax.evaluation): count zeros
+      seen = sparsify_site(inputs, self.site, "xla") if n_m_kernel else x
+      self.sow(nnx.Intermediate, INPUT_ZEROS, jnp.stack([jnp.sum(seen == 0), seen.size]).astype(jnp.float32),
+               init_fn=lambda: jnp.zeros(2, jnp.float32), reduce_fn=jnp.add)
     x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
     if n_m_kernel:  # Block Q-Sparse: the mask is made tile by tile inside the matmul
       y = nm_ops.nm_matmul(x, kernel, *self.site.block, backend=self.kernels)

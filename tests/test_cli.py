@@ -1,6 +1,7 @@
 """The `qsparse` command as a user runs it: one error line for bad input, and a failed save loses nothing."""
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -131,3 +132,33 @@ def test_generate_bad_input_is_one_error_line(trained_run, tmp_path):
     result = run_cli("generate", *args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"qsparse generate: error: {message}"]
+
+
+def test_eval_prints_table_2_and_json_equal_to_the_library(trained_run, tmp_path):
+  from qsparse_jax import evaluation, inference
+
+  out = tmp_path / "eval.json"
+  result = run_cli("eval", "--checkpoint", str(trained_run), "--batches", "2", "--batch-size", "2", "--json",
+                   str(out))
+  assert result.returncode == 0, result.stderr
+  figures = json.loads(out.read_text())
+  loaded = inference.load(trained_run)
+  want = evaluation.evaluate(loaded.graphdef, loaded.params, loaded.config.model, evaluation.validation_batches(
+      loaded.config, loaded.tokenizer, num_batches=2, batch_size=2), step=3)
+  assert figures["loss"] == pytest.approx(want.loss, rel=1e-6) and figures["step"] == 3
+  assert figures["sparsity"] == pytest.approx(want.sparsity, abs=1e-9)
+  assert figures["activated_params"] == pytest.approx(want.activated_params, rel=1e-9)
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith(f"step 3: validation loss {want.loss:.4f} nats/token")
+  assert lines[1].split() == ["q/k/v", "out", "up", "gate", "down", "overall", "activated"]
+  assert lines[2].split()[1:6] == [f"{want.sparsity[t]:.1%}" for t in evaluation.PROJECTION_TYPES]
+  bad = [
+      (["--checkpoint", str(trained_run), "train.steps=3"],
+       "eval takes only data.* overrides (the text to measure on), got 'train.steps=3'"),
+      (["--checkpoint", str(trained_run), "--batches", "0"], "--batches must be at least 1, got 0"),
+      (["--checkpoint", str(tmp_path / "nowhere")],
+       f"checkpoint directory {str(tmp_path / 'nowhere')!r} does not exist"),
+  ]
+  for args, message in bad:
+    failed = run_cli("eval", *args)
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [f"qsparse eval: error: {message}"]
