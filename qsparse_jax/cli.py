@@ -97,9 +97,10 @@ def _generate(args) -> int:
     for prompt, new in zip(prompts, result.tokens):
       print(prompt + tok.decode(new) + "\n")
   count = sum(map(len, result.tokens))
+  how = "dense" if args.dense else "sparse"
+  weights = ", ternary weights packed 2 bits each" if loaded.packed else ""
   print(f"{count} tokens, decoding at {result.tokens_per_second:.1f} tokens/s "
-        f"({'dense' if args.dense else 'sparse'} decode, batch {len(prompts)}, checkpoint step {loaded.step})",
-        file=sys.stderr)
+        f"({how} decode{weights}, batch {len(prompts)}, checkpoint step {loaded.step})", file=sys.stderr)
   return 0
 
 
@@ -118,7 +119,7 @@ def _eval(args) -> int:
   for name in ("batches", "batch_size"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-  loaded = inference.load(args.checkpoint)
+  loaded = inference.load(args.checkpoint, pack=False)  # the forward it was trained with
   config = apply_overrides(loaded.config, args.overrides)
   batches = evaluation.validation_batches(
       config, loaded.tokenizer, num_batches=args.batches or config.train.eval_batches,

@@ -11,6 +11,7 @@ from flax import nnx
 from qsparse_jax import data as data_lib
 from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError
 from qsparse_jax.config import Config, config_from_json
+from qsparse_jax.layers import pack_ternary_layers
 from qsparse_jax.model import Transformer
 from qsparse_jax.train import make_optimizer
 
@@ -22,6 +23,7 @@ class LoadedModel:
   params: nnx.State
   tokenizer: data_lib.Tokenizer
   step: int
+  packed: bool = False  # ternary weights packed to 2 bits (layers.pack_ternary_layers)
 
 
 def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -36,10 +38,12 @@ def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
                           "checkpoints/ folder)")
 
 
-def load(path: str | pathlib.Path, *, tokenizer: str | None = None) -> LoadedModel:
+def load(path: str | pathlib.Path, *, tokenizer: str | None = None, pack: bool = True) -> LoadedModel:
   """The model of the latest checkpoint under path, its config and tokenizer.
 
   tokenizer: to insist on one (e.g. "byte"); a different one than the checkpoint was trained with is refused.
+  pack: for a model trained with ternary weights (BitNet b1.58), replace each projection's float kernel by its
+    ternary codes packed 4 to a byte, so it multiplies through ternary_matmul (int8 x 2-bit) at 1/16 of the bytes.
   """
   checkpointer = Checkpointer(checkpoint_dir(path))
   try:
@@ -61,5 +65,11 @@ def load(path: str | pathlib.Path, *, tokenizer: str | None = None) -> LoadedMod
     state, _ = checkpointer.restore(abstract)
   finally:
     checkpointer.close()
-  return LoadedModel(config=config, graphdef=graphdef, params=state["params"], tokenizer=tok,
-                     step=int(state["step"]))
+  params = state["params"]
+  packed = pack and config.model.ternary_weights
+  if packed:
+    model = nnx.merge(graphdef, params)
+    pack_ternary_layers(model)
+    graphdef, params = nnx.split(model)
+  return LoadedModel(config=config, graphdef=graphdef, params=params, tokenizer=tok, step=int(state["step"]),
+                     packed=packed)

@@ -22,8 +22,10 @@ from pallas_kernels import dispatch
 from pallas_kernels.nm_matmul import ops as nm_ops
 from pallas_kernels.sparse_matvec import ops as smv_ops
 from pallas_kernels.topk import ops as topk_ops
+from pallas_kernels.ternary_matmul import ops as tm_ops
 from qsparse_jax.sharding import constrain
-from qsparse_jax.sparsity import SparsityConfig, keep_count, quantize_activations, sparsify, ternarize
+from qsparse_jax.sparsity import (SparsityConfig, absmax_quantize, absmean_ternary, keep_count, quantize_activations,
+                                 sparsify, ternarize)
 
 DENSE = SparsityConfig()
 
@@ -78,6 +80,19 @@ def site_kwargs(cfg: SparsityConfig) -> dict:
   return dataclasses.asdict(cfg)
 
 
+class PackedTernary(nnx.Variable):
+  """Inference-only state of a packed ternary SparseLinear (SparseLinear.pack): its codes or their scale."""
+
+
+def pack_ternary_layers(model: nnx.Module) -> int:
+  """Pack every ternary SparseLinear of model in place (SparseLinear.pack); returns how many were packed."""
+  layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, SparseLinear) and m.ternary_weights
+            and not m.is_packed]
+  for layer in layers:
+    layer.pack()
+  return len(layers)
+
+
 class SparseLinear(nnx.Linear):
   """A drop-in `nnx.Linear` whose input is top-K sparsified per token: y = (x ⊙ M) W + b (method.md §1).
 
@@ -114,17 +129,17 @@ class SparseLinear(nnx.Linear):
     self.kernels = kernels
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    kernel = self.kernel[...]
-    if self.ternary_weights:
-      kernel = ternarize(kernel)
-    bias = self.bias[...] if self.bias is not None else None
-    n_m_kernel = (self.site.block is not None and self.site.act_bits is None
+    n_m_kernel = (self.site.block is not None and self.site.act_bits is None and not self.is_packed
                   and dispatch.resolve(self.kernels, pallas_platforms=nm_ops.PALLAS_PLATFORMS)[0] == "pallas")
     x = inputs if n_m_kernel else sparsify_site(inputs, self.site, self.kernels)
     if getattr(self, "__captures__", None) is not None:  # inside nnx.capture (qsparse_jax.evaluation): count zeros
       seen = sparsify_site(inputs, self.site, "xla") if n_m_kernel else x
       self.sow(nnx.Intermediate, INPUT_ZEROS, jnp.stack([jnp.sum(seen == 0), seen.size]).astype(jnp.float32),
                init_fn=lambda: jnp.zeros(2, jnp.float32), reduce_fn=jnp.add)
+    if self.is_packed:
+      return self._packed_call(inputs, x)
+    kernel = ternarize(self.kernel[...]) if self.ternary_weights else self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
     if n_m_kernel:  # Block Q-Sparse: the mask is made tile by tile inside the matmul
       y = nm_ops.nm_matmul(x, kernel, *self.site.block, backend=self.kernels)
@@ -137,14 +152,52 @@ class SparseLinear(nnx.Linear):
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
 
+  # ----------------------------------------------------------------------- packed ternary weights (inference)
+
+  @property
+  def is_packed(self) -> bool:
+    """Whether pack() replaced the float kernel by 2-bit ternary codes."""
+    return getattr(self, "packed_kernel", None) is not None
+
+  def pack(self) -> None:
+    """Replace the float kernel by the BitNet b1.58 inference form (method.md §4): ternary codes Q_w(W) packed four
+    to a byte (pallas_kernels.ternary_matmul.pack_ternary, [in/4, out] uint8) and the scale α + ε. The layer then
+    multiplies through ternary_matmul: int8 activation codes times ternary weights, accumulated exactly in int32;
+    the same function as the fake-quantized training forward, up to float rounding, reading 1/16 of the bytes."""
+    if not self.ternary_weights:
+      raise ValueError("only a layer with ternary_weights=True can be packed")
+    if self.in_features % 4:
+      raise ValueError(f"packing needs in_features divisible by 4, got {self.in_features}")
+    if self.site.l2_rescale:
+      raise ValueError("a site with l2_rescale cannot be packed (its inputs are not integer codes times a scale)")
+    codes, scale = absmean_ternary(self.kernel[...])
+    self.packed_kernel = PackedTernary(tm_ops.pack_ternary(codes))
+    self.kernel_scale = PackedTernary(scale)
+    del self.kernel
+
+  def _packed_call(self, inputs: jax.Array, x: jax.Array) -> jax.Array:
+    """y [..., out] from the packed codes; x is sparsify_site(inputs): with act_bits, its zeros mask the int8
+    codes of absmax_quantize(inputs) (the scale comes from max|x|, which top-K keeps)."""
+    packed, alpha = self.packed_kernel[...], self.kernel_scale[...]
+    if self.site.act_bits is not None:
+      codes, scale = absmax_quantize(inputs, self.site.act_bits)
+      codes = jnp.where(x != 0, codes, jnp.int8(0))
+      y = tm_ops.ternary_matmul(codes, scale, packed, alpha, backend=self.kernels)
+    else:  # float activations: unpack the codes (exact in float32) and scale once
+      y = jnp.dot(x.astype(jnp.float32), tm_ops.unpack_ternary(packed).astype(jnp.float32)) * alpha
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype or inputs.dtype)
+
   def project_kept(self, kept: Kept) -> jax.Array:
     """y [B, out] = (x ⊙ M) W + b from the kept entries of x, reading only their rows of W (sparse_matvec)."""
     (y,) = project_kept(kept, self)
     return y
 
   def decode(self, x_bd: jax.Array) -> jax.Array:
-    """The projection of one token per row [B, in]: through its own site's kept entries when it has them."""
-    kept = keep_entries(x_bd, self.site)
+    """The projection of one token per row [B, in]: through its own site's kept entries when it has them (packed
+    ternary layers multiply all their 2-bit codes instead: ternary_matmul)."""
+    kept = None if self.is_packed else keep_entries(x_bd, self.site)
     return self(x_bd) if kept is None else self.project_kept(kept)
 
 
@@ -280,7 +333,7 @@ class Attention(nnx.Module):
     row (a decode step), the q/k/v and output projections multiply only the rows of W their kept entries select.
     """
     b, t, _ = x_btd.shape
-    kept = keep_entries(x_btd[:, 0], self.qkv_site) if sparse and t == 1 else None
+    kept = keep_entries(x_btd[:, 0], self.qkv_site) if sparse and t == 1 and not self.q_proj.is_packed else None
     if kept is None:
       xs_btd = sparsify_site(x_btd, self.qkv_site, self.kernels)
       q, k, v = self.q_proj(xs_btd), self.k_proj(xs_btd), self.v_proj(xs_btd)
@@ -344,7 +397,7 @@ class GLUFeedForward(nnx.Module):
 
   def decode(self, x_bd: jax.Array) -> jax.Array:
     """One token per row [B, D]: gate, up and down multiply only the rows of W their kept entries select."""
-    kept = keep_entries(x_bd, self.in_site)
+    kept = None if self.gate_proj.is_packed else keep_entries(x_bd, self.in_site)
     if kept is None:
       xs = sparsify_site(x_bd, self.in_site, self.kernels)
       hidden = glu_activation(self.gate_proj(xs), self.activation) * self.up_proj(xs)

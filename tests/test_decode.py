@@ -1,5 +1,7 @@
 """KV-cache decoding against the uncached forward of the same model, and the sampling filters against NumPy."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,70 @@ def test_bad_requests_are_named():
     generate(graphdef, params, CFG, [[1] * 40], SamplingConfig(max_new_tokens=10))
   with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
     SamplingConfig(top_p=0.0)
+
+
+@pytest.mark.parametrize("act_bits,sparsity,block,shape", [(8, 0.4, None, (3, 5, 64)), (8, 0.0, None, (4, 64)),
+                                                            (None, 0.4, None, (4, 64)), (8, 0.0, (2, 4), (2, 64))])
+def test_packed_ternary_layer_equals_its_fake_quantized_forward(act_bits, sparsity, block, shape):
+  from qsparse_jax.layers import SparseLinear
+
+  layer = SparseLinear(64, 48, sparsity=sparsity, block=block, act_bits=act_bits, ternary_weights=True,
+                       use_bias=True, rngs=nnx.Rngs(4))
+  layer.bias[...] = jnp.linspace(-1, 1, 48)
+  x = jax.random.normal(jax.random.key(5), shape)
+  want = layer(x)
+  codes = np.asarray(jnp.clip(jnp.round(layer.kernel[...] / (jnp.mean(jnp.abs(layer.kernel[...])) + 1e-5)), -1, 1))
+  layer.pack()
+  assert not hasattr(layer, "kernel") and layer.packed_kernel[...].shape == (16, 48)
+  assert layer.packed_kernel[...].dtype == jnp.uint8
+  from pallas_kernels.ternary_matmul import unpack_ternary
+
+  np.testing.assert_array_equal(np.asarray(unpack_ternary(layer.packed_kernel[...])), codes)
+  # int8 codes times ternary codes sum exactly in int32 and are scaled once; the fake-quantized forward sums
+  # float32 products of the same values: they differ by float32 rounding of sums of 64 O(1) terms.
+  np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(layer.decode(x.reshape(-1, 64))), np.asarray(want).reshape(-1, 48),
+                             rtol=1e-5, atol=2e-6)
+
+
+def test_packed_ternary_model_decodes_like_its_uncached_forward():
+  from qsparse_jax.layers import pack_ternary_layers
+
+  # Float activations: int8 ones make later sites' magnitudes integer multiples of one scale, whose exact ties
+  # float rounding breaks differently in two summation orders; the int8 path is checked layer by layer above.
+  cfg = dataclasses.replace(CFG, ternary_weights=True).with_sparsity(0.4)
+  model = Transformer(cfg, rngs=nnx.Rngs(6))
+  tokens = jax.random.randint(jax.random.key(7), (2, 12), 0, 257)
+  fake = nnx.jit(lambda m, toks: m(toks))(model, tokens)
+  assert pack_ternary_layers(model) == 7 * cfg.num_layers
+  packed_full = nnx.jit(lambda m, toks: m(toks))(model, tokens)
+  np.testing.assert_allclose(packed_full, fake, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(cached_logits(model, cfg, tokens, prefill=5), packed_full, rtol=1e-4, atol=1e-5)
+  weights = [x for path, x in nnx.to_flat_state(nnx.state(model)) if path[-1] == "kernel"]
+  assert not weights  # no float kernels left in the projections
+
+
+def test_loading_a_ternary_checkpoint_packs_its_weights(tmp_path):
+  from qsparse_jax import inference
+  from qsparse_jax.checkpoint import Checkpointer, meta_json
+  from qsparse_jax.config import Config
+  from qsparse_jax.layers import pack_ternary_layers
+  from qsparse_jax.train import init_train_state, make_optimizer
+
+  config = Config(model=dataclasses.replace(CFG, ternary_weights=True, act_bits=8).with_sparsity(0.4))
+  tx = make_optimizer(config.train)
+  _, state = init_train_state(config.model, tx, seed=0)
+  state = {**state, "step": jnp.asarray(5, jnp.int32)}
+  checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
+  checkpointer.save(5, state, meta=meta_json(config), force=True)
+  checkpointer.close()
+  loaded = inference.load(tmp_path)
+  assert loaded.packed and loaded.step == 5
+  model = nnx.merge(*nnx.split(Transformer(config.model, rngs=nnx.Rngs(0))))
+  nnx.update(model, state["params"])
+  pack_ternary_layers(model)
+  want = nnx.state(model)
+  got = dict(nnx.to_flat_state(loaded.params))
+  for path, value in nnx.to_flat_state(want):
+    np.testing.assert_array_equal(np.asarray(got[path][...]), np.asarray(value[...]))
+  assert not inference.load(tmp_path, pack=False).packed
