@@ -226,11 +226,41 @@ class RMSNorm(nnx.Module):
     return y.astype(self.dtype or x.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
-  """Inverse frequencies theta^(−2i/K), i < K/2, float32 [K/2]."""
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE context extension of pretrained models (Hugging Face `rope_scaling` / `rope_parameters`).
+
+  kind: "none"; "linear" (every frequency divided by factor: position interpolation); or "llama3" (Llama 3.1:
+  wavelengths longer than original_max_len / low_freq_factor are divided by factor, shorter than
+  original_max_len / high_freq_factor kept, and those between interpolated smoothly).
+  """
+
+  kind: Literal["none", "linear", "llama3"] = "none"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None) -> jax.Array:
+  """Inverse frequencies theta^(−2i/K), i < K/2, float32 [K/2], with the context extension of `scaling`."""
   if head_dim % 2:
     raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None or scaling.kind == "none":
+    return inv_freq
+  if scaling.kind == "linear":
+    return inv_freq / scaling.factor
+  if scaling.kind != "llama3":
+    raise ValueError(f"unknown RoPE scaling {scaling.kind!r}; expected 'none', 'linear' or 'llama3'")
+  wavelength = 2 * jnp.pi / inv_freq
+  long_wavelength = scaling.original_max_len / scaling.low_freq_factor  # beyond it: divided by factor
+  short_wavelength = scaling.original_max_len / scaling.high_freq_factor  # below it: unchanged
+  smooth = ((scaling.original_max_len / wavelength - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  between = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+  return jnp.where(wavelength > long_wavelength, inv_freq / scaling.factor,
+                   jnp.where(wavelength < short_wavelength, inv_freq, between))
 
 
 def apply_rope(x_btnk: jax.Array, positions_bt: jax.Array, inv_freq_k: jax.Array) -> jax.Array:
@@ -284,8 +314,8 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
                qkv_site: SparsityConfig = DENSE, out_site: SparsityConfig = DENSE, qkv_bias: bool = False,
-               rope_theta: float = 10000.0, ternary_weights: bool = False, kernels: str = "auto", dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               rope_theta: float = 10000.0, rope_scaling: RopeScaling | None = None, ternary_weights: bool = False,
+               kernels: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
     head_dim = head_dim or d_model // num_heads
     if num_heads % num_kv_heads:
@@ -303,6 +333,7 @@ class Attention(nnx.Module):
     self.qkv_site = qkv_site
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta = rope_theta
+    self.rope_scaling = rope_scaling
 
   def project_qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
     """Sparsify x once (the q/k/v site) and return RoPE'd q [B,T,N,K], k [B,T,H,K] and v [B,T,H,K]."""
@@ -313,7 +344,7 @@ class Attention(nnx.Module):
                   ("batch", None, "kv_heads", None))
     v = constrain(self.v_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim),
                   ("batch", None, "kv_heads", None))
-    inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
+    inv_freq = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
     return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
 
   def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None,
@@ -342,7 +373,7 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, self.num_heads, self.head_dim)
     k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-    inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
+    inv_freq = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
     q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
     rows = jnp.arange(b)[:, None]
     cache = {"k": cache["k"].at[rows, positions_bt].set(k.astype(cache["k"].dtype)),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qsparse_jax.layers import Attention, GLUFeedForward, RMSNorm, logical_axes
+from qsparse_jax.layers import Attention, GLUFeedForward, RMSNorm, RopeScaling, logical_axes
 from qsparse_jax.sharding import constrain
 from qsparse_jax.sparsity import SparsityConfig
 
@@ -38,6 +38,12 @@ class ModelConfig:
   activation: Literal["relu2", "silu"] = "relu2"
   max_seq_len: int = 256
   rope_theta: float = 10000.0
+  # RoPE context extension of imported models (layers.RopeScaling): "none", "linear" or "llama3"
+  rope_scaling: Literal["none", "linear", "llama3"] = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   tie_embeddings: bool = True
   qkv_bias: bool = False
   norm_eps: float = 1e-6
@@ -67,6 +73,13 @@ class ModelConfig:
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads} "
                        "(or set model.head_dim)")
+    if self.rope_scaling not in ("none", "linear", "llama3"):
+      raise ValueError(f"model.rope_scaling must be 'none', 'linear' or 'llama3', got {self.rope_scaling!r}")
+    if self.rope_scaling_factor <= 0:
+      raise ValueError(f"model.rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+    if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+      raise ValueError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor > 0 for llama3 scaling, got "
+                       f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     for site in self.sites().values():  # validates each sparsity, the gradient mode, block and bits
@@ -83,6 +96,13 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return _DTYPES[self.dtype]
+
+  def rope(self) -> RopeScaling | None:
+    """The RoPE scaling as layers.RopeScaling (None without one)."""
+    if self.rope_scaling == "none":
+      return None
+    return RopeScaling(self.rope_scaling, self.rope_scaling_factor, self.rope_low_freq_factor,
+                       self.rope_high_freq_factor, self.rope_original_max_len)
 
   def sites(self) -> dict[str, SparsityConfig]:
     """The four sparsity sites of method.md §1 as SparsityConfigs."""
@@ -108,7 +128,7 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.attn = Attention(cfg.d_model, cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
                           qkv_site=sites["qkv"], out_site=sites["out"], qkv_bias=cfg.qkv_bias,
-                          rope_theta=cfg.rope_theta, **common)
+                          rope_theta=cfg.rope_theta, rope_scaling=cfg.rope(), **common)
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.ffn = GLUFeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, in_site=sites["up"],
                               down_site=sites["down"], **common)
