@@ -70,6 +70,9 @@ class TrainConfig:
   sample_tokens: int = 200
   sample_prompt: str = "def "
   progress: bool = True
+  # Start from pretrained weights (continued training, qsparse_jax.init_from): "hf:DIR" for a Hugging Face model,
+  # or a run directory of qsparse train; "" initializes at random. A run that has its own checkpoint resumes it.
+  init_from: str = ""
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every",

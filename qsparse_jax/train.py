@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from qsparse_jax import data as data_lib
+from qsparse_jax import init_from as init_lib
 from qsparse_jax import sharding
 from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError, meta_json
 from qsparse_jax.config import Config, TrainConfig
@@ -269,6 +270,10 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
     log(f"resumed from {checkpointer.directory} at step {int(state['step'])}")
     if (why := checkpointer.restore_data_iterator(train_iter)) is not None:
       log(f"the data stream restarts from its beginning: {why}")
+  elif tc.init_from:
+    params = init_lib.load_initial_params(tc.init_from, mc, mesh, tokenizer=dc.tokenizer)
+    state = {**state, "params": jax.device_put(params, state_shardings["params"])}
+    log(f"parameters from {tc.init_from} (the optimizer starts fresh)")
 
   counts = count_params(mc)
   log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "

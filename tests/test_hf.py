@@ -160,3 +160,16 @@ def test_bad_checkpoints_are_named_and_leave_nothing_behind(tmp_path, monkeypatc
   assert set(tmp_path.iterdir()) == before
   with pytest.raises(hf.UnsupportedModelError, match="uses activation 'relu2'"):
     hf.to_hf(cfg.__class__(activation="relu2"))
+
+
+def test_init_from_a_hugging_face_model_checks_the_config(tmp_path):
+  from qsparse_jax.init_from import load_initial_params
+
+  make_hf_model("qwen2", tmp_path / "hf")
+  cfg, whole = hf.load_pretrained(tmp_path / "hf")
+  mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+  params = load_initial_params(f"hf:{tmp_path / 'hf'}", cfg.with_sparsity(0.3), mesh)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(whole), nnx.to_flat_state(params)):
+    np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+  with pytest.raises(ValueError, match=r"its model has num_layers=2, this config num_layers=3"):
+    load_initial_params(f"hf:{tmp_path / 'hf'}", cfg.__class__(**{**cfg.__dict__, "num_layers": 3}), mesh)

@@ -76,3 +76,31 @@ def test_sequence_longer_than_the_corpus(tmp_path):
   cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=100_000))
   with pytest.raises(ValueError, match="data.seq_len=100000 is longer than the whole train split"):
     train(cfg, log=lambda _: None)
+
+
+def test_continued_training_starts_from_another_runs_weights(tmp_path):
+  from qsparse_jax import inference
+  from qsparse_jax.init_from import load_initial_params
+  from qsparse_jax.sharding import make_mesh
+
+  base = small_config(tmp_path, out="dense", steps=4)
+  dense = dataclasses.replace(base, model=base.model.with_sparsity(0.0))
+  train(dense, log=lambda _: None)
+  sparse_model = dense.model.with_sparsity(0.3)
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  params = load_initial_params(str(tmp_path / "dense"), sparse_model, mesh, tokenizer="byte")
+  want = inference.load(tmp_path / "dense").params
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves_with_path(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+  # Through the loop: its first loss is far below a random initialization's (the dense run's weights are trained).
+  logs = []
+  cont = small_config(tmp_path, out="cont", steps=1, init_from=str(tmp_path / "dense"))
+  train(cont, log=logs.append)
+  train(small_config(tmp_path, out="fresh", steps=1), log=lambda _: None)
+  assert f"parameters from {tmp_path / 'dense'} (the optimizer starts fresh)" in logs
+  assert losses(tmp_path / "cont")[1] < losses(tmp_path / "fresh")[1] - 0.5
+  wider = dataclasses.replace(sparse_model, d_ff=96)
+  with pytest.raises(ValueError, match=r"its model has d_ff=64, this config d_ff=96; only the Q-Sparse settings"):
+    load_initial_params(str(tmp_path / "dense"), wider, mesh)
+  with pytest.raises(ValueError, match=r"was trained with data.tokenizer='byte', this config uses 'hf:/t.json'"):
+    load_initial_params(str(tmp_path / "dense"), sparse_model, mesh, tokenizer="hf:/t.json")

@@ -80,8 +80,9 @@ def load_params(directory: str | pathlib.Path, cfg: ModelConfig, mesh: jax.shard
     shape, dtype = checkpoint.info(hf_name)
     want = tuple(flat[path].shape)
     if (shape[::-1] if transposed else shape) != want:
+      implied = list(want[::-1] if transposed else want)
       raise safetensors_io.SafetensorsError(
-          f"tensor {hf_name} has shape {list(shape)}, but config.json implies {list(want[::-1] if transposed else want)}")
+          f"tensor {hf_name} has shape {list(shape)}, but config.json implies {implied}")
     if dtype not in ("F32", "F16", "BF16", "F64"):
       raise safetensors_io.SafetensorsError(f"tensor {hf_name} has dtype {dtype}; expected a float type")
   shardings = (sharding.param_shardings(abstract, mesh) if mesh is not None
