@@ -4,6 +4,7 @@
     qsparse train --distributed --config configs/paper_7b.py ...   (every process of a multi-host job)
     qsparse generate --checkpoint runs/tiny --prompt "def main():" [--max-new-tokens 200 --temperature 0.8]
     qsparse eval --checkpoint runs/tiny [--batches 16 --json eval.json] [data.field=value ...]
+    qsparse export-hf --checkpoint runs/continue_tiny --out exported/ [--arch llama --dtype bfloat16]
 
 Any config field can be overridden, e.g. `train.steps=200 model.sparsity_down=0.5 data.source=files
 data.paths="['notes.txt']"`. Bad input (an unknown field, a wrong type, a missing file, a checkpoint from another
@@ -135,6 +136,21 @@ def _eval(args) -> int:
   return 0
 
 
+def _export_hf(args) -> int:
+  import absl.logging
+  import jax.numpy as jnp
+
+  from qsparse_jax import hf, inference
+
+  absl.logging.set_verbosity(absl.logging.FATAL)
+  loaded = inference.load(args.checkpoint, pack=False)
+  hf.to_hf(loaded.config.model, args.arch)  # an unexportable model fails before anything is read or written
+  out = hf.save_pretrained(args.out, loaded.config.model, loaded.params, kind=args.arch,
+                           dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
+  print(f"wrote {out} (Hugging Face {args.arch or 'default'} layout, {args.dtype}, checkpoint step {loaded.step})")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="qsparse", description="Q-Sparse language models in JAX")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -164,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
   p_eval.add_argument("--json", help="also write the figures as JSON to this file ('-': print JSON instead)")
   p_eval.add_argument("overrides", nargs="*", help="data.field=value: measure on other text, e.g. data.source=files "
                                                    "data.paths=\"['notes.txt']\"")
+  p_exp = sub.add_parser("export-hf", help="write a run's latest weights as a Hugging Face checkpoint")
+  p_exp.add_argument("--checkpoint", required=True, help="run directory of `qsparse train` (or its checkpoints/)")
+  p_exp.add_argument("--out", required=True, help="a new directory for config.json and the safetensors")
+  p_exp.add_argument("--arch", choices=["llama", "mistral", "qwen2"],
+                     help="architecture of config.json (default: qwen2 with q/k/v biases, else llama)")
+  p_exp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   args = parser.parse_args(argv)
   try:
-    return {"train": _train, "generate": _generate, "eval": _eval}[args.command](args)
-  except (ValueError, FileNotFoundError) as err:
+    return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf}[args.command](args)
+  except (ValueError, FileNotFoundError, FileExistsError) as err:
     print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
     return 2
   except OSError as err:  # a full disk during a save (CheckpointSaveError says which checkpoint is intact)

@@ -173,3 +173,38 @@ def test_init_from_a_hugging_face_model_checks_the_config(tmp_path):
     np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
   with pytest.raises(ValueError, match=r"its model has num_layers=2, this config num_layers=3"):
     load_initial_params(f"hf:{tmp_path / 'hf'}", cfg.__class__(**{**cfg.__dict__, "num_layers": 3}), mesh)
+
+
+def test_export_command_writes_what_transformers_runs(tmp_path):
+  import dataclasses
+  import os
+  import subprocess
+  import sys
+
+  from qsparse_jax.checkpoint import Checkpointer, meta_json
+  from qsparse_jax.config import Config
+  from qsparse_jax.model import ModelConfig
+  from qsparse_jax.train import init_train_state, make_optimizer
+
+  model_cfg = ModelConfig(vocab_size=257, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=112,
+                          activation="silu", tie_embeddings=False).with_sparsity(0.3)
+  config = Config(model=model_cfg)
+  _, state = init_train_state(model_cfg, make_optimizer(config.train), seed=3)
+  checkpointer = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+  checkpointer.save(1, state, meta=meta_json(config), force=True)
+  checkpointer.close()
+
+  def export(*args):
+    command = [sys.executable, "-m", "qsparse_jax.cli", "export-hf", "--checkpoint", str(tmp_path / "run"), *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+  done = export("--out", str(tmp_path / "hf"), "--arch", "mistral")
+  assert done.returncode == 0, done.stderr
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  assert type(reloaded).__name__ == "MistralForCausalLM"
+  dense = dataclasses.replace(model_cfg, sparsity_qkv=0.0, sparsity_out=0.0, sparsity_up=0.0, sparsity_down=0.0)
+  want = our_logits(dense, state["params"], TOKENS)  # transformers runs the weights dense
+  np.testing.assert_allclose(hf_logits(reloaded, TOKENS), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+  again = export("--out", str(tmp_path / "hf"))
+  assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+      f"qsparse export-hf: error: {str(tmp_path / 'hf')!r} already exists; export into a new directory"]
