@@ -152,12 +152,9 @@ def test_eval_prints_table_2_and_json_equal_to_the_library(trained_run, tmp_path
   assert lines[0].startswith(f"step 3: validation loss {want.loss:.4f} nats/token")
   assert lines[1].split() == ["q/k/v", "out", "up", "gate", "down", "overall", "activated"]
   assert lines[2].split()[1:6] == [f"{want.sparsity[t]:.1%}" for t in evaluation.PROJECTION_TYPES]
-  bad = [
+  bad = [  # (a missing checkpoint directory goes through the same inference.load as generate's, tested there)
       (["--checkpoint", str(trained_run), "train.steps=3"],
        "eval takes only data.* overrides (the text to measure on), got 'train.steps=3'"),
-      (["--checkpoint", str(trained_run), "--batches", "0"], "--batches must be at least 1, got 0"),
-      (["--checkpoint", str(tmp_path / "nowhere")],
-       f"checkpoint directory {str(tmp_path / 'nowhere')!r} does not exist"),
   ]
   for args, message in bad:
     failed = run_cli("eval", *args)
