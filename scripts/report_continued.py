@@ -9,9 +9,10 @@ site) and, if present, the same continuation kept dense (a baseline for what the
         model.sparsity_up=0.0 model.sparsity_down=0.0 train.out_dir=runs/continue_tiny_dense
     python scripts/report_continued.py
 
-The gap is measured on the validation batches the runs evaluate on: L_dense (the dense model), L_0 (its weights
-with top-K switched on, before any continued training) and L_t (after t continued steps); recovered = (L_0 - L_t) /
-(L_0 - L_dense). The last line is `continued_recovered: <fraction at the last step>`.
+Measured on the validation batches the runs evaluate on: L_dense (the dense model), L_0 (its weights with top-K
+switched on, before any continued training), L_t (after t continued steps), the share of the switch-on gap won
+back, (L_0 - L_t) / (L_0 - L_dense), the first step at which L_t <= L_dense, and the gap to the dense
+continuation at every step. The last line is `continued_gap_vs_dense: <relative gap at the last step>`.
 """
 
 import argparse
@@ -48,13 +49,20 @@ def main():
   print(f"dense model (step {dense.step}): validation loss {l_dense:.4f}")
   print(f"top-K switched on, no training: {l_0:.4f} (measured sparsity {switched_on.overall:.1%} overall)")
   baseline = val_losses(pathlib.Path(args.baseline)) if pathlib.Path(args.baseline).exists() else {}
-  recovered = 0.0
-  print(f"{'step':>5} {'Q-Sparse':>9} {'recovered':>10} {'dense, same steps':>18}")
+  print(f"{'step':>5} {'Q-Sparse':>9} {'won back':>9} {'dense, same steps':>18} {'gap':>7}")
+  gap, caught_up = float("nan"), None
   for step, loss in sorted(val_losses(pathlib.Path(args.continued)).items()):
-    recovered = (l_0 - loss) / (l_0 - l_dense)
-    base = f"{baseline[step]:18.4f}" if step in baseline else f"{'':>18}"
-    print(f"{step:5d} {loss:9.4f} {recovered:10.1%} {base}")
-  print(f"continued_recovered: {recovered:.3f}")
+    won_back = (l_0 - loss) / (l_0 - l_dense)
+    if caught_up is None and loss <= l_dense:
+      caught_up = step
+    line = f"{step:5d} {loss:9.4f} {won_back:9.0%}"
+    if step in baseline:
+      gap = (loss - baseline[step]) / baseline[step]
+      line += f" {baseline[step]:18.4f} {gap:+7.2%}"
+    print(line)
+  print(f"Q-Sparse at or below the dense model's loss from step {caught_up}" if caught_up else
+        "Q-Sparse has not reached the dense model's loss")
+  print(f"continued_gap_vs_dense: {gap:.4f}")
 
 
 if __name__ == "__main__":
