@@ -118,8 +118,8 @@ def test_bad_requests_are_named():
     SamplingConfig(top_p=0.0)
 
 
-@pytest.mark.parametrize("act_bits,sparsity,block,shape", [(8, 0.4, None, (3, 5, 64)), (8, 0.0, None, (4, 64)),
-                                                            (None, 0.4, None, (4, 64)), (8, 0.0, (2, 4), (2, 64))])
+@pytest.mark.parametrize("act_bits,sparsity,block,shape", [(8, 0.4, None, (3, 5, 64)), (None, 0.4, None, (4, 64)),
+                                                            (8, 0.0, (2, 4), (2, 64))])
 def test_packed_ternary_layer_equals_its_fake_quantized_forward(act_bits, sparsity, block, shape):
   from qsparse_jax.layers import SparseLinear
 

@@ -83,9 +83,15 @@ def test_continued_training_starts_from_another_runs_weights(tmp_path):
   from qsparse_jax.init_from import load_initial_params
   from qsparse_jax.sharding import make_mesh
 
+  from qsparse_jax.checkpoint import Checkpointer, meta_json
+  from qsparse_jax.train import init_train_state, make_optimizer
+
   base = small_config(tmp_path, out="dense", steps=4)
-  dense = dataclasses.replace(base, model=base.model.with_sparsity(0.0))
-  train(dense, log=lambda _: None)
+  dense = dataclasses.replace(base, model=base.model.with_sparsity(0.0))  # a dense run's checkpoint, written here
+  _, state = init_train_state(dense.model, make_optimizer(dense.train), seed=5)
+  checkpointer = Checkpointer(tmp_path / "dense" / "checkpoints", async_save=False)
+  checkpointer.save(4, state, meta=meta_json(dense), force=True)
+  checkpointer.close()
   sparse_model = dense.model.with_sparsity(0.3)
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   params = load_initial_params(str(tmp_path / "dense"), sparse_model, mesh, tokenizer="byte")
