@@ -70,7 +70,7 @@ def activations(draw, min_dim=1, max_dim=96, ties=None):
 # ---------------------------------------------------------------------------------------------------- top-K
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(x=activations(), sparsity=st.sampled_from(SPARSITIES))
 def test_topk_mask_matches_numpy(x, sparsity):
   k = keep(x.shape[-1], sparsity)
@@ -80,7 +80,7 @@ def test_topk_mask_matches_numpy(x, sparsity):
   np.testing.assert_array_equal(mask, np_topk_mask(np.asarray(x.astype(jnp.float32)), k))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(x=activations(min_dim=8, max_dim=200), sparsity=st.sampled_from(SPARSITIES[1:]))
 def test_topk_mask_matches_lax_top_k(x, sparsity):
   """The fast threshold search selects what jax.lax.top_k (lower index first on ties) selects."""
@@ -109,7 +109,7 @@ def test_topk_mask_large_rows_many_blocks():
     np.testing.assert_array_equal(np.asarray(qs.topk_mask(jnp.asarray(x), k)), np_topk_mask(x, k))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=7, deadline=None)
 @given(x=activations(), sparsity=st.sampled_from(SPARSITIES), gradient=st.sampled_from(qs.GRADIENT_MODES),
        seed=st.integers(0, 2**16))
 def test_topk_sparsify_forward_and_vjp(x, sparsity, gradient, seed):
@@ -159,7 +159,7 @@ def test_jit_and_vmap_agree_with_eager():
 # ----------------------------------------------------------------------------------------------- Block Q-Sparse
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=7, deadline=None)
 @given(data=st.data(), gradient=st.sampled_from(qs.GRADIENT_MODES))
 def test_block_topk_sparsify(data, gradient):
   m = data.draw(st.sampled_from([1, 2, 4, 8, 32]))
@@ -186,7 +186,7 @@ def test_block_topk_sparsify(data, gradient):
 # --------------------------------------------------------------------------------------------------- quantizers
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=7, deadline=None)
 @given(x=activations(ties=False), bits=st.sampled_from([8, 4, 2]))
 def test_absmax_quantization_bit_exact(x, bits):
   xf = np.asarray(x.astype(jnp.float32))
@@ -201,7 +201,7 @@ def test_absmax_quantization_bit_exact(x, bits):
   np.testing.assert_array_equal(vjp(cot)[0], cot)  # straight through
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=33), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from(DTYPES))
 def test_ternary_quantization_bit_exact(shape, seed, dtype):
@@ -258,7 +258,7 @@ def test_installs_without_tensorflow():
   assert importlib.util.find_spec("tensorflow") is None
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(x=activations(ties=True), sparsity=st.sampled_from(SPARSITIES[1:]))
 def test_inexact_zero_ties_keep_the_same_values(x, sparsity):
   """exact_zero_ties=False may keep extra zeros (rows with fewer than k non-zeros), never anything else."""
