@@ -27,7 +27,7 @@ from flax import nnx
 from qsparse_jax import data as data_lib
 from qsparse_jax.config import Config
 from qsparse_jax.layers import INPUT_ZEROS
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.model import PROJECTION_SITES, ModelConfig, projection_weights, site_keep_fractions
 
 # Projection types in the order of the paper's Table 2, and the SparseLinear attributes of each.
 PROJECTION_TYPES = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "out": ("o_proj",), "up": ("up_proj",),
@@ -72,18 +72,11 @@ class Evaluation:
     return json.dumps(self.as_json(), indent=2)
 
 
-def _layer_weights(cfg: ModelConfig) -> dict[str, int]:
-  """Weights of each projection of one layer, by attribute name."""
-  d, f, hk, kvk = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
-  return {"q_proj": d * hk, "k_proj": d * kvk, "v_proj": d * kvk, "o_proj": hk * d, "gate_proj": d * f,
-          "up_proj": d * f, "down_proj": f * d}
-
-
 def _configured(cfg: ModelConfig) -> dict[str, float]:
-  sites = cfg.sites()
-  site_of = {"q/k/v": "qkv", "out": "out", "up": "up", "gate": "up", "down": "down"}
-  return {t: (sites[s].sparsity if sites[s].block is None else 1 - sites[s].block[0] / sites[s].block[1])
-          for t, s in site_of.items()}
+  """The configured sparsity of each projection type (its first projection's site)."""
+  sites, keep = cfg.sites(), site_keep_fractions(cfg)
+  site_of = {t: PROJECTION_SITES[names[0]] for t, names in PROJECTION_TYPES.items()}
+  return {t: sites[s].sparsity if sites[s].block is None else 1 - keep[s] for t, s in site_of.items()}
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -116,7 +109,7 @@ def evaluate(graphdef, params, cfg: ModelConfig, batches, *, step: int = 0) -> E
   missing = sorted({n for names in PROJECTION_TYPES.values() for n in names} - set(zeros))
   if missing:
     raise RuntimeError(f"no zero counts were recorded for {missing}; is every projection a SparseLinear?")
-  weights = _layer_weights(cfg)
+  weights = projection_weights(cfg)
   sparsity = {t: sum(zeros[n][0] for n in names) / sum(zeros[n][1] for n in names)
               for t, names in PROJECTION_TYPES.items()}
   per_name = {n: zeros[n][0] / zeros[n][1] for n in weights}

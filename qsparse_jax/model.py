@@ -206,11 +206,25 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
   return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
+# The site whose sparsified input each projection multiplies (method.md §1).
+PROJECTION_SITES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "out", "gate_proj": "up",
+                    "up_proj": "up", "down_proj": "down"}
+
+
+def projection_weights(cfg: ModelConfig) -> dict[str, int]:
+  """Weights of each projection of one layer, by its attribute name (PROJECTION_SITES)."""
+  d, f, hk, kvk = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+  return {"q_proj": d * hk, "k_proj": d * kvk, "v_proj": d * kvk, "o_proj": hk * d, "gate_proj": d * f,
+          "up_proj": d * f, "down_proj": f * d}
+
+
+def site_keep_fractions(cfg: ModelConfig) -> dict[str, float]:
+  """The configured kept fraction of each site: 1 − S, or n/m for Block Q-Sparse."""
+  return {name: (1 - site.sparsity) if site.block is None else site.block[0] / site.block[1]
+          for name, site in cfg.sites().items()}
+
+
 def activated_params_per_token(cfg: ModelConfig) -> float:
   """Non-embedding parameters a token multiplies with: each projection's weights times its kept fraction (1 − S)."""
-  d, f, hk, kvk = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
-  keep = {name: (1 - site.sparsity) if site.block is None else site.block[0] / site.block[1]
-          for name, site in cfg.sites().items()}
-  per_layer = (d * (hk + 2 * kvk) * keep["qkv"] + hk * d * keep["out"] + 2 * d * f * keep["up"]
-               + f * d * keep["down"])
-  return per_layer * cfg.num_layers
+  keep = site_keep_fractions(cfg)
+  return cfg.num_layers * sum(w * keep[PROJECTION_SITES[name]] for name, w in projection_weights(cfg).items())
