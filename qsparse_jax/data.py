@@ -81,8 +81,8 @@ class HFTokenizer:
     eos = next((t for t in ("</s>", "<|endoftext|>", "<eos>") if self._tok.token_to_id(t) is not None), None)
     self.eos_id = self._tok.token_to_id(eos) if eos else 0
 
-  def encode(self, text):
-    return self._tok.encode(text).ids
+  def encode(self, text):  # no special tokens added (no BOS), like the other tokenizers; callers add EOS
+    return self._tok.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids):
     return self._tok.decode([int(i) for i in ids])
@@ -170,7 +170,7 @@ def python_stdlib_files() -> list[pathlib.Path]:
   return files
 
 
-def _expand(paths: Sequence[str]) -> list[pathlib.Path]:
+def expand_paths(paths: Sequence[str]) -> list[pathlib.Path]:
   files = []
   for raw in paths:
     path = pathlib.Path(raw).expanduser()
@@ -188,39 +188,52 @@ def _expand(paths: Sequence[str]) -> list[pathlib.Path]:
   return files
 
 
-def _prepare(builder, **kwargs) -> None:
+def prepare(builder, **kwargs) -> None:
   """download_and_prepare, by process 0 first when several processes share one data_dir, then by the others
   (which then find it built, or build their own copy on a host-local disk)."""
-  prepare = lambda: builder.download_and_prepare(**kwargs)  # noqa: E731
+  build = lambda: builder.download_and_prepare(**kwargs)  # noqa: E731
   if jax.process_count() == 1:
-    return prepare()
+    return build()
   from jax.experimental import multihost_utils
 
   if jax.process_index() == 0:
-    prepare()
+    build()
   multihost_utils.sync_global_devices(f"qsparse_jax: {builder.name} prepared")
   if jax.process_index() != 0:
-    prepare()
+    build()
+
+
+def tfds_split_source(cfg: DataConfig, split: str):
+  """The data source of split "train" or "validation" of the TFDS dataset data.tfds_name (built if needed).
+
+  Validation is the dataset's "validation" split, else its "test" split; a dataset with neither gives its last
+  validation_fraction of "train" to validation and the rest to train.
+  """
+  builder = tfds.builder(cfg.tfds_name, data_dir=str(pathlib.Path(cfg.data_dir).expanduser()),
+                         file_format="array_record")
+  prepare(builder)
+  held_out = next((s for s in ("validation", "test") if s in builder.info.splits), None)
+  if held_out is None:
+    cut = int(round(100 * (1 - cfg.validation_fraction)))
+    split_name = f"train[:{cut}%]" if split == "train" else f"train[{cut}%:]"
+  else:
+    split_name = "train" if split == "train" else held_out
+  return builder.as_data_source(split=split_name)
 
 
 def text_source(cfg: DataConfig, split: str):
   """Random-access source of {"text": ...} records for split "train" or "validation"; builds the dataset if needed."""
   data_dir = str(pathlib.Path(cfg.data_dir).expanduser())
   if cfg.source == "tfds":
-    split_name = "validation" if split == "validation" else "train"
-    builder = tfds.builder(cfg.tfds_name, data_dir=data_dir, file_format="array_record")
-    _prepare(builder)
-    if split_name not in builder.info.splits:
-      split_name = "test" if "test" in builder.info.splits else split_name
-    return builder.as_data_source(split=split_name)
+    return tfds_split_source(cfg, split)
   if cfg.source == "python_stdlib":
     corpus, files = "python_stdlib", python_stdlib_files()
   elif cfg.source == "files":
-    corpus, files = "files", _expand(cfg.paths)
+    corpus, files = "files", expand_paths(cfg.paths)
   else:
     raise ValueError(f"data.source must be 'python_stdlib', 'files' or 'tfds', got {cfg.source!r}")
   builder = TextFiles(corpus=corpus, files=files, validation_fraction=cfg.validation_fraction, data_dir=data_dir)
-  _prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return builder.as_data_source(split=split)
 
 

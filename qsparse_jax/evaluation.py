@@ -124,6 +124,9 @@ def validation_batches(config: Config, tokenizer, *, num_batches: int, batch_siz
   """The first num_batches [batch_size, seq_len + 1] token batches of the run's validation split, in order (the
   same text train() evaluates on when batch sizes agree)."""
   dc = config.data
+  if dc.format != "text":
+    raise ValueError(f"qsparse eval measures text and this run has data.format={dc.format!r}: pass text data, e.g. "
+                     "data.format=text data.source=python_stdlib (or data.source=files data.paths=...)")
   source = data_lib.text_source(dc, "validation")
   batches = data_lib.lm_batches(source, tokenizer, seq_len=dc.seq_len, batch_size=batch_size, seed=0,
                                 shuffle=False, text_key=dc.tfds_text_key)

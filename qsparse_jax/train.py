@@ -1,7 +1,7 @@
 """Training: the jitted Q-Sparse language-model step and the loop around it.
 
 The step is a pure function of a train state {"step", "params", "opt_state"} and a batch of tokens: next-token
-cross-entropy, AdamW (β = 0.9, 0.95) with warm-up then cosine or polynomial decay, weight decay on matrices only,
+cross-entropy (for supervised fine-tuning, on response tokens only: response_loss), AdamW (β = 0.9, 0.95) with warm-up then cosine or polynomial decay, weight decay on matrices only,
 global-norm clipping (method.md §7). The loop adds periodic evaluation on the held-out split, a progress line
 (step, loss, tokens/s, ETA), metrics as JSONL and TensorBoard events, asynchronous Orbax checkpoints with the data
 iterator's state (so a killed run resumes on the same loss curve), and a text sample at the end.
@@ -22,11 +22,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from qsparse_jax import chat
 from qsparse_jax import data as data_lib
 from qsparse_jax import init_from as init_lib
 from qsparse_jax import sharding
 from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError, meta_json
 from qsparse_jax.config import Config, TrainConfig
+from qsparse_jax.inputs import make_inputs
 from qsparse_jax.model import ModelConfig, Transformer, activated_params_per_token, count_params
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -83,16 +85,31 @@ def lm_loss(graphdef, params, tokens_bt: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:]).mean()
 
 
+def response_loss(graphdef, params, batch: dict[str, jax.Array]) -> jax.Array:
+  """Mean next-token cross-entropy over response tokens only, of packed instruction rows (sft_data.sft_batches:
+  "tokens", "loss_mask", "segment_ids", "positions", each [B, T+1]).
+
+  Each conversation of a row sees only itself (segment ids in the attention mask, positions restarting at 0); a
+  target counts when its loss mask is 1 and it belongs to the same conversation as its input token.
+  """
+  tokens_bt, segments_bt = batch["tokens"], batch["segment_ids"]
+  logits_btv = nnx.merge(graphdef, params)(tokens_bt[:, :-1], batch["positions"][:, :-1], segments_bt[:, :-1])
+  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:])
+  counted_bt = (batch["loss_mask"][:, 1:] > 0) & (segments_bt[:, 1:] == segments_bt[:, :-1]) & (segments_bt[:, 1:] > 0)
+  return jnp.sum(jnp.where(counted_bt, nll_bt, 0.0)) / jnp.maximum(jnp.sum(counted_bt), 1)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh | None = None,
-                    state_shardings=None) -> Callable:
-  """train_step(state, tokens [B, T+1]) -> (state, metrics), jitted with the state donated.
+                    state_shardings=None, loss_fn: Callable = lm_loss) -> Callable:
+  """train_step(state, batch) -> (state, metrics), jitted with the state donated; batch is what loss_fn takes
+  (lm_loss: tokens [B, T+1]; response_loss: a dict of [B, T+1] arrays).
 
   With a mesh (and the state's shardings), the step is compiled for it: state in and out keep their shardings,
   the batch is split over (data, fsdp), metrics are replicated.
   """
 
-  def train_step(state, tokens_bt):
-    loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, tokens_bt))(state["params"])
+  def train_step(state, batch):
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch))(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -104,9 +121,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh | Non
                               out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(graphdef, mesh: Mesh | None = None, param_shardings=None) -> Callable:
-  """eval_step(params, tokens [B, T+1]) -> mean loss."""
-  loss = lambda params, tokens_bt: lm_loss(graphdef, params, tokens_bt)  # noqa: E731
+def make_eval_step(graphdef, mesh: Mesh | None = None, param_shardings=None, loss_fn: Callable = lm_loss
+                   ) -> Callable:
+  """eval_step(params, batch) -> mean loss (loss_fn: lm_loss or response_loss)."""
+  loss = lambda params, batch: loss_fn(graphdef, params, batch)  # noqa: E731
   if mesh is None:
     return jax.jit(loss)
   return sharding.jit_on_mesh(loss, mesh, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
@@ -236,14 +254,6 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
     raise ValueError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's vocabulary "
                      f"({tokenizer.name}: {tokenizer.vocab_size})")
 
-  train_source = data_lib.text_source(dc, "train")
-  val_source = data_lib.text_source(dc, "validation")
-  rows_needed = dc.seq_len + 1
-  for name, source in (("train", train_source), ("validation", val_source)):
-    if data_lib.count_tokens(source, tokenizer, dc.tfds_text_key, limit=rows_needed) <= rows_needed:
-      raise ValueError(f"data.seq_len={dc.seq_len} is longer than the whole {name} split of the corpus; "
-                       "use a shorter data.seq_len or more text")
-
   mesh = sharding.make_mesh(config.mesh)
   shard_index, shard_count = sharding.process_batch_rows(mesh, tc.batch_size)
   local_batch = tc.batch_size // shard_count  # the rows this process reads; the mesh assembles the global batch
@@ -251,15 +261,12 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
   tx, schedule = make_optimizer(tc), make_schedule(tc)
   graphdef, state = init_train_state(mc, tx, tc.seed, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  train_step = make_train_step(graphdef, tx, mesh, state_shardings)
-  eval_step = make_eval_step(graphdef, mesh, state_shardings["params"])
-  batches = data_lib.lm_batches(train_source, tokenizer, seq_len=dc.seq_len, batch_size=local_batch,
-                                seed=dc.shuffle_seed, text_key=dc.tfds_text_key,
-                                process_index=shard_index, process_count=shard_count)
-  train_iter = iter(batches)
-  val_batches = [b["tokens"] for _, b in zip(range(tc.eval_batches), iter(data_lib.lm_batches(
-      val_source, tokenizer, seq_len=dc.seq_len, batch_size=local_batch, seed=0, shuffle=False,
-      text_key=dc.tfds_text_key, process_index=shard_index, process_count=shard_count)))]  # the same at every eval
+  loss_fn = response_loss if dc.format == "instructions" else lm_loss
+  train_step = make_train_step(graphdef, tx, mesh, state_shardings, loss_fn)
+  eval_step = make_eval_step(graphdef, mesh, state_shardings["params"], loss_fn)
+  inputs = make_inputs(dc, tokenizer, batch_size=local_batch, eval_batches=tc.eval_batches, seed=dc.shuffle_seed,
+                       process_index=shard_index, process_count=shard_count)
+  train_iter = iter(inputs.train)
 
   checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
   meta = meta_json(config)
@@ -279,7 +286,7 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
   log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
       f"{activated_params_per_token(mc) / 1e6:.2f}M activated per token; sparsity q/k/v {mc.sparsity_qkv}, "
       f"out {mc.sparsity_out}, up {mc.sparsity_up}, down {mc.sparsity_down}")
-  log(f"data: {dc.source} ({len(train_source)} train / {len(val_source)} validation documents), "
+  log(f"data: {inputs.summary}, "
       f"tokenizer {tokenizer.name}, {tc.batch_size} x {dc.seq_len} tokens per step; run directory {run_dir}")
   log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} x tensor {mesh.shape['tensor']} over "
       f"{mesh.size} {jax.devices()[0].platform} devices in {jax.process_count()} process(es)")
@@ -291,14 +298,16 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
   last = {"step": step}
   window_start, window_steps = time.perf_counter(), 0
 
+  def global_batch(local):
+    return jax.tree.map(lambda rows: sharding.make_global_batch(rows, mesh, tc.batch_size), local)
+
   def evaluate(params):
-    return float(np.mean([float(eval_step(params, sharding.make_global_batch(b, mesh, tc.batch_size)))
-                          for b in val_batches]))
+    return float(np.mean([float(eval_step(params, global_batch(b))) for b in inputs.validation]))
 
   stop_at = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
   try:
     while step < stop_at:
-      batch = sharding.make_global_batch(next(train_iter)["tokens"], mesh, tc.batch_size)
+      batch = global_batch(inputs.select(next(train_iter)))
       state, metrics = train_step(state, batch)
       step += 1
       window_steps += 1
@@ -328,9 +337,12 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
     log(f"stopped at step {step} of {tc.steps}; run again to resume")
     return last
   if tc.sample_tokens > 0:
-    prompt = tokenizer.encode(tc.sample_prompt)
-    sample = generate(graphdef, state["params"], prompt, tc.sample_tokens, max_len=dc.seq_len, seed=tc.seed)
-    last["sample"] = tc.sample_prompt + tokenizer.decode(sample)
+    prompt = tc.sample_prompt
+    if dc.format == "instructions":  # ask as the fine-tuning data asks
+      prompt = chat.generation_prompt(prompt, chat.get_template(dc.chat_template))
+    sample = generate(graphdef, state["params"], tokenizer.encode(prompt), tc.sample_tokens, max_len=dc.seq_len,
+                      seed=tc.seed)
+    last["sample"] = prompt + tokenizer.decode(sample)
     log("sample:\n" + last["sample"])
   if main_process:
     (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2))
