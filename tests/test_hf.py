@@ -132,6 +132,9 @@ def test_bad_checkpoints_are_named_and_leave_nothing_behind(tmp_path, monkeypatc
   with pytest.raises(hf.SafetensorsError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \[112, 64\], "
                      r"but config.json implies \[128, 64\]"):
     hf.load_pretrained(variant("shape", intermediate_size=128))
+  with pytest.raises(hf.SafetensorsError, match=r"tensor \S+ is stored as F32, but config.json declares dtype "
+                     r"'bfloat16' \(BF16\)"):
+    hf.load_pretrained(variant("dtype", torch_dtype="bfloat16", dtype="bfloat16"))
   with pytest.raises(FileNotFoundError, match="no config.json"):
     hf.load_pretrained(tmp_path)
   _, params = hf.load_pretrained(tmp_path / "hf")

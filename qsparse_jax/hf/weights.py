@@ -52,6 +52,15 @@ def tensor_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
   return names
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def _declared_dtype(hf: dict) -> str | None:
+  """config.json's weight dtype ("dtype", or "torch_dtype" before transformers 5), when it names a float type."""
+  declared = hf.get("dtype", hf.get("torch_dtype"))
+  return declared if declared in _SAFETENSORS_DTYPES else None
+
+
 def read_config(directory: str | pathlib.Path) -> dict:
   path = pathlib.Path(directory) / "config.json"
   if not path.is_file():
@@ -63,6 +72,7 @@ def load_params(directory: str | pathlib.Path, cfg: ModelConfig, mesh: jax.shard
   """The float32 parameters of Transformer(cfg) from the safetensors in directory, sharded over mesh by the
   model's logical axes (or on the default device). Every tensor is checked by name, shape and kind first."""
   checkpoint = safetensors_io.Checkpoint(directory)
+  declared = _declared_dtype(read_config(directory))
   names = tensor_names(cfg)
   _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   flat = dict(nnx.to_flat_state(abstract))
@@ -83,8 +93,12 @@ def load_params(directory: str | pathlib.Path, cfg: ModelConfig, mesh: jax.shard
       implied = list(want[::-1] if transposed else want)
       raise safetensors_io.SafetensorsError(
           f"tensor {hf_name} has shape {list(shape)}, but config.json implies {implied}")
-    if dtype not in ("F32", "F16", "BF16", "F64"):
+    if dtype not in _SAFETENSORS_DTYPES.values():
       raise safetensors_io.SafetensorsError(f"tensor {hf_name} has dtype {dtype}; expected a float type")
+    if declared is not None and dtype != _SAFETENSORS_DTYPES[declared]:
+      raise safetensors_io.SafetensorsError(
+          f"tensor {hf_name} is stored as {dtype}, but config.json declares dtype {declared!r} "
+          f"({_SAFETENSORS_DTYPES[declared]}): are these the weights config.json describes?")
   shardings = (sharding.param_shardings(abstract, mesh) if mesh is not None
                else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract))
   shardings_flat = dict(nnx.to_flat_state(shardings))
