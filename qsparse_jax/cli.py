@@ -51,7 +51,7 @@ def _train(args) -> int:
 def _generate(args) -> int:
   import absl.logging
 
-  from qsparse_jax import decode, inference
+  from qsparse_jax import chat, decode, inference
 
   absl.logging.set_verbosity(absl.logging.FATAL)
   if (args.prompt is None) == (args.prompts_file is None):
@@ -67,10 +67,19 @@ def _generate(args) -> int:
     prompts = [args.prompt]
   if any(not p for p in prompts):
     raise ValueError("the prompt is empty: give some text to continue")
-  sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
   loaded = inference.load(args.checkpoint, tokenizer=args.tokenizer)
   tok = loaded.tokenizer
+  stop = tuple(args.stop)
+  if args.chat:  # each prompt as a user message in the template the model was fine-tuned with
+    if loaded.config.data.format != "instructions":
+      raise ValueError("--chat: this checkpoint was not fine-tuned on instructions (its data.format is "
+                       f"{loaded.config.data.format!r}); leave --chat out to continue plain text")
+    template = chat.get_template(loaded.config.data.chat_template)
+    prompts = [chat.generation_prompt(p, template) for p in prompts]
+    end_of_turn = template.footers["assistant"].strip()
+    stop += (end_of_turn,) if end_of_turn else ()
+  sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop)
   ids = [tok.encode(p) for p in prompts]
   if any(len(i) == 0 for i in ids):
     raise ValueError("the prompt encodes to no tokens: give some text to continue")
@@ -173,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
   p_gen.add_argument("--stop", action="append", default=[], help="end a row when its text ends with this (repeatable)")
   p_gen.add_argument("--tokenizer", help="refuse to run unless the checkpoint was trained with this tokenizer")
   p_gen.add_argument("--dense", action="store_true", help="decode with dense projections (for comparison)")
+  p_gen.add_argument("--chat", action="store_true", help="ask each prompt as a user message in the chat template "
+                     "the checkpoint was fine-tuned with (data.chat_template), stopping at its end of turn")
   p_eval = sub.add_parser("eval", help="validation loss and measured sparsity per projection (the paper's Table 2)")
   p_eval.add_argument("--checkpoint", required=True, help="run directory of `qsparse train` (or its checkpoints/)")
   p_eval.add_argument("--batches", type=int, help="validation batches to measure on (default: train.eval_batches)")

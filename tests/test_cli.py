@@ -127,6 +127,9 @@ def test_generate_bad_input_is_one_error_line(trained_run, tmp_path):
       (["--checkpoint", str(run_dir), "--prompt", "a", "--tokenizer", "sentencepiece:/m.model"],
        "the checkpoint was trained with tokenizer 'byte', not 'sentencepiece:/m.model'; leave the tokenizer out to "
        "use the checkpoint's"),
+      (["--checkpoint", str(run_dir), "--prompt", "a", "--chat"],
+       "--chat: this checkpoint was not fine-tuned on instructions (its data.format is 'text'); leave --chat out to "
+       "continue plain text"),
   ]
   for args, message in cases:
     result = run_cli("generate", *args)

@@ -192,7 +192,7 @@ def sft_config(tmp_path, jsonl_root, **train_kwargs) -> Config:
       mesh=MeshConfig(data=2, fsdp=2, tensor=2))
 
 
-def test_fine_tuning_through_the_loop(jsonl_dir, tmp_path):
+def test_fine_tuning_through_the_loop(jsonl_dir, tmp_path, capsys):
   from qsparse_jax.train import init_train_state, make_optimizer
 
   cfg = sft_config(tmp_path, jsonl_dir[0])
@@ -211,6 +211,17 @@ def test_fine_tuning_through_the_loop(jsonl_dir, tmp_path):
   assert loss[1] == pytest.approx(want, rel=1e-5)
   assert loss[6] < loss[1] - 0.5  # lr 1e-2 on a few hundred answer tokens: the response loss falls fast
   assert np.isfinite(final["val_loss"])
+  # `qsparse generate --chat` asks in the run's template and stops at its end of turn.
+  from qsparse_jax import cli, decode, inference
+
+  capsys.readouterr()
+  assert cli.main(["generate", "--checkpoint", str(tmp_path / "sft"), "--chat", "--prompt", "sort alpha",
+                   "--max-new-tokens", "5", "--temperature", "0"]) == 0
+  loaded = inference.load(tmp_path / "sft")
+  prompt = "<|im_start|>user\nsort alpha<|im_end|>\n<|im_start|>assistant\n"
+  want = decode.generate(loaded.graphdef, loaded.params, loaded.config.model, [list(prompt.encode())],
+                         decode.SamplingConfig(max_new_tokens=5, stop=("<|im_end|>",)), decode_text=ByteTokenizer().decode)
+  assert capsys.readouterr().out == prompt + ByteTokenizer().decode(want.tokens[0]) + "\n"
   with pytest.raises(ValueError, match=r"the validation split \(\d+ conversations\) fills less than one batch of "
                                        r"64 rows of 128 tokens"):
     train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=64, out_dir=str(tmp_path / "b"))),
