@@ -5,6 +5,8 @@
     qsparse generate --checkpoint runs/tiny --prompt "def main():" [--max-new-tokens 200 --temperature 0.8]
     qsparse eval --checkpoint runs/tiny [--batches 16 --json eval.json] [data.field=value ...]
     qsparse export-hf --checkpoint runs/continue_tiny --out exported/ [--arch llama --dtype bfloat16]
+    qsparse scaling sweep --sweep configs/scaling_sweep.py        (trains what is not finished; resumable)
+    qsparse scaling fit --sweep configs/scaling_sweep.py [--plots docs/]
 
 Any config field can be overridden, e.g. `train.steps=200 model.sparsity_down=0.5 data.source=files
 data.paths="['notes.txt']"`. Bad input (an unknown field, a wrong type, a missing file, a checkpoint from another
@@ -114,6 +116,37 @@ def _generate(args) -> int:
   return 0
 
 
+def _scaling(args) -> int:
+  import json
+
+  from qsparse_jax import scaling_report, sweep
+
+  plan = sweep.load_sweep(args.sweep)
+  if args.action == "sweep":
+    import absl.logging
+    import tensorflow_datasets as tfds
+
+    absl.logging.set_verbosity(absl.logging.FATAL)
+    tfds.disable_progress_bar()
+    sweep.run_sweep(plan)
+    return 0
+  rows = sweep.results(plan)
+  fits = scaling_report.fit_families(rows)
+  if not fits:
+    raise ValueError(f"{len(rows)} finished runs under {plan.out_dir}; a fit needs 5 of one weight precision: run "
+                     f"`qsparse scaling sweep --sweep {args.sweep}` first")
+  print(f"{len(rows)} runs from {plan.out_dir}")
+  print(scaling_report.report(fits))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps({"runs": rows, "fits": {
+        p: {**f.law.as_dict(), "optimal_sparsity": scaling_report.scaling.optimal_sparsity(f.law)}
+        for p, f in fits.items()}}, indent=2))
+  if args.plots:
+    for path in scaling_report.plot(rows, fits, args.plots):
+      print(f"wrote {path}")
+  return 0
+
+
 def _eval(args) -> int:
   import absl.logging
   import tensorflow_datasets as tfds
@@ -197,9 +230,16 @@ def main(argv: list[str] | None = None) -> int:
   p_exp.add_argument("--arch", choices=["llama", "mistral", "qwen2"],
                      help="architecture of config.json (default: qwen2 with q/k/v biases, else llama)")
   p_exp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p_scale = sub.add_parser("scaling", help="the scaling-law sweep and fit (method.md §6)")
+  p_scale.add_argument("action", choices=["sweep", "fit"], help="sweep: train the grid's unfinished runs; fit: fit "
+                       "the law to the finished ones, print S*, draw plots")
+  p_scale.add_argument("--sweep", default="configs/scaling_sweep.py", help="sweep preset (defines `sweep`)")
+  p_scale.add_argument("--plots", help="fit: write loss_vs_activated.png and loss_vs_sparsity.png into this folder")
+  p_scale.add_argument("--json", help="fit: also write the runs and fitted constants as JSON to this file")
   args = parser.parse_args(argv)
   try:
-    return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf}[args.command](args)
+    return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf,
+            "scaling": _scaling}[args.command](args)
   except (ValueError, FileNotFoundError, FileExistsError) as err:
     print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
     return 2

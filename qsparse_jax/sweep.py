@@ -1,0 +1,116 @@
+"""The scaling sweep (method.md §6): a grid of model sizes x sparsities x weight precisions, each model trained on
+the same text for the same number of tokens, then fitted with scaling.fit.
+
+A sweep preset (configs/scaling_sweep.py) defines `sweep = Sweep(...)`. Every run gets its own directory
+<out_dir>/<size>-s<sparsity %>-<precision>; a run whose final_metrics.json exists is finished and not redone, and an
+interrupted one resumes from its last checkpoint (train.train), so `qsparse scaling sweep` can be stopped and
+started again at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+from typing import Callable, Mapping
+
+from qsparse_jax.config import Config
+from qsparse_jax.model import count_params  # noqa: F401 (also used by callers as sweep.count_params)
+
+PRECISIONS = ("full", "ternary")  # float weights, or BitNet b1.58 weights (method.md §4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """base: the data, training and model settings shared by every run; sizes: name -> ModelConfig fields that
+  set the size (d_model, num_layers, num_heads, d_ff, ...)."""
+
+  base: Config
+  sizes: Mapping[str, Mapping[str, int]]
+  sparsities: tuple[float, ...] = (0.0, 0.3, 0.45, 0.6, 0.8)
+  precisions: tuple[str, ...] = PRECISIONS
+  out_dir: str = "runs/scaling"
+
+  def __post_init__(self):
+    if not self.sizes:
+      raise ValueError("sweep.sizes must name at least one model size")
+    for precision in self.precisions:
+      if precision not in PRECISIONS:
+        raise ValueError(f"sweep.precisions: {precision!r} is not one of {PRECISIONS}")
+    for s in self.sparsities:
+      if not 0.0 <= s < 1.0:
+        raise ValueError(f"sweep.sparsities: {s} is not in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  size: str
+  sparsity: float
+  precision: str
+  config: Config
+
+  @property
+  def directory(self) -> pathlib.Path:
+    return pathlib.Path(self.config.train.out_dir).expanduser()
+
+
+def runs(sweep: Sweep) -> list[Run]:
+  """Every run of the sweep, smallest model first."""
+  out = []
+  for size, fields in sweep.sizes.items():
+    for precision in sweep.precisions:
+      for sparsity in sweep.sparsities:
+        name = f"{size}-s{round(sparsity * 100):02d}-{precision}"
+        model = dataclasses.replace(sweep.base.model, **fields, ternary_weights=precision == "ternary")
+        train = dataclasses.replace(sweep.base.train, out_dir=str(pathlib.Path(sweep.out_dir) / name))
+        out.append(Run(name, size, sparsity, precision,
+                       dataclasses.replace(sweep.base, model=model.with_sparsity(sparsity), train=train)))
+  return sorted(out, key=lambda r: count_params(r.config.model)["non_embedding"])
+
+
+def load_sweep(path: str | pathlib.Path) -> Sweep:
+  """Execute a sweep preset and return its module-level `sweep`."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"sweep file {str(path)!r} does not exist (expected a preset such as "
+                            "configs/scaling_sweep.py)")
+  spec = importlib.util.spec_from_file_location(f"qsparse_sweep_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = getattr(module, "sweep", None)
+  if not isinstance(sweep, Sweep):
+    raise ValueError(f"{path} must define `sweep = Sweep(...)`, found {type(sweep).__name__}")
+  return sweep
+
+
+def is_finished(run: Run) -> bool:
+  return (run.directory / "final_metrics.json").is_file()
+
+
+def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> None:
+  """Train every unfinished run of the sweep, in order (resuming an interrupted one)."""
+  from qsparse_jax.train import train  # noqa: PLC0415 (the fit side of this module needs no JAX)
+
+  todo = [r for r in runs(sweep) if not is_finished(r)]
+  log(f"sweep: {len(runs(sweep)) - len(todo)} of {len(runs(sweep))} runs finished; {len(todo)} to train")
+  for i, run in enumerate(todo, 1):
+    log(f"[{i}/{len(todo)}] {run.name}: {count_params(run.config.model)['non_embedding'] / 1e6:.2f}M "
+        f"non-embedding parameters, sparsity {run.sparsity}, {run.precision} weights")
+    result = train(run.config, log=lambda _: None)
+    log(f"[{i}/{len(todo)}] {run.name}: validation loss {result['val_loss']:.4f}")
+
+
+def results(sweep: Sweep) -> list[dict]:
+  """One row per finished run: name, size, sparsity, precision, non_embedding, activated, val_loss."""
+  from qsparse_jax.model import activated_params_per_token  # noqa: PLC0415
+
+  rows = []
+  for run in runs(sweep):
+    if is_finished(run):
+      final = json.loads((run.directory / "final_metrics.json").read_text())
+      rows.append({"name": run.name, "size": run.size, "sparsity": run.sparsity, "precision": run.precision,
+                   "non_embedding": count_params(run.config.model)["non_embedding"],
+                   "activated": activated_params_per_token(run.config.model), "val_loss": final["val_loss"]})
+  return rows

@@ -1,0 +1,90 @@
+"""The scaling sweep trains each run once and resumes; `qsparse scaling fit` fits the finished runs."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from qsparse_jax import cli, scaling, sweep
+
+
+def write_sweep(tmp_path, sizes, sparsities, precisions=("full",), steps=2):
+  tmp_path.mkdir(exist_ok=True)
+  corpus = tmp_path / "corpus.txt"
+  rng = np.random.default_rng(0)
+  corpus.write_text("\n".join(" ".join(rng.choice(["a", "bb", "ccc", "dd"], 6)) for _ in range(300)))
+  preset = tmp_path / "sweep.py"
+  preset.write_text(textwrap.dedent(f"""
+      from qsparse_jax.config import Config, DataConfig, TrainConfig
+      from qsparse_jax.model import ModelConfig
+      from qsparse_jax.sweep import Sweep
+      sweep = Sweep(
+          base=Config(model=ModelConfig(vocab_size=257, max_seq_len=16),
+                      data=DataConfig(source="files", paths=({str(corpus)!r},), seq_len=16,
+                                      data_dir={str(tmp_path / "tfds")!r}),
+                      train=TrainConfig(steps={steps}, batch_size=8, warmup_steps=1, eval_every={steps},
+                                        eval_batches=1, log_every=1, checkpoint_every={steps}, sample_tokens=0,
+                                        progress=False)),
+          sizes={sizes!r}, sparsities={sparsities!r}, precisions={precisions!r},
+          out_dir={str(tmp_path / "runs")!r})
+      """))
+  return preset
+
+
+def write_and_load(tmp_path, sparsities, precisions):
+  return sweep.load_sweep(write_sweep(tmp_path / "other", {"d16": dict(d_model=16, num_layers=1, num_heads=2,
+                                                                         d_ff=32)}, sparsities, precisions))
+
+
+def test_sweep_trains_each_run_once(tmp_path):
+  preset = write_sweep(tmp_path, {"d16": dict(d_model=16, num_layers=1, num_heads=2, d_ff=32)}, (0.5,))
+  plan = sweep.load_sweep(preset)
+  assert [r.name for r in sweep.runs(write_and_load(tmp_path, (0.0, 0.5), ("full", "ternary")))] == [
+      "d16-s00-full", "d16-s50-full", "d16-s00-ternary", "d16-s50-ternary"]
+  logs = []
+  sweep.run_sweep(plan, log=logs.append)
+  assert logs[0] == "sweep: 0 of 1 runs finished; 1 to train"
+  (row,) = sweep.results(plan)
+  assert row["name"] == "d16-s50-full" and row["sparsity"] == 0.5 and row["precision"] == "full"
+  final = json.loads((tmp_path / "runs" / row["name"] / "final_metrics.json").read_text())
+  assert row["val_loss"] == final["val_loss"] and final["step"] == 2
+  # parameters: 4 attention and 3 GLU matrices and 3 norm scales; activated: each matrix at half its weights
+  projections = 4 * 16 * 16 + 3 * 16 * 32
+  assert row["non_embedding"] == projections + 3 * 16 and row["activated"] == projections / 2
+  stamp = (tmp_path / "runs" / "d16-s50-full" / "final_metrics.json").stat().st_mtime_ns
+  logs.clear()
+  sweep.run_sweep(plan, log=logs.append)  # nothing is redone
+  assert logs == ["sweep: 1 of 1 runs finished; 0 to train"]
+  assert (tmp_path / "runs" / "d16-s50-full" / "final_metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_fit_command_fits_the_finished_runs(tmp_path, monkeypatch, capsys):
+  sizes = {f"d{d}": dict(d_model=d, num_layers=1, num_heads=2, d_ff=2 * d) for d in (16, 32, 64)}
+  preset = write_sweep(tmp_path, sizes, (0.0, 0.3, 0.45, 0.6, 0.8))
+  plan = sweep.load_sweep(preset)
+  true = scaling.ScalingLaw(E=1.9, B=0.05, C=2.5, beta=0.08, alpha=0.15)
+  for run in sweep.runs(plan):  # finished runs whose losses follow a known law (training them is the other test)
+    run.directory.mkdir(parents=True)
+    n = sweep.count_params(run.config.model)["non_embedding"]
+    (run.directory / "final_metrics.json").write_text(json.dumps({"step": 2, "val_loss": true.loss(n, run.sparsity)}))
+  monkeypatch.setattr(scaling, "DEFAULT_GRID", {"e": (0.5,), "b": (-2.0, 0.0), "c": (0.0, 1.0), "beta": (0.0,),
+                                                "alpha": (0.1, 0.3)})
+  out = tmp_path / "fit.json"
+  assert cli.main(["scaling", "fit", "--sweep", str(preset), "--json", str(out), "--plots", str(tmp_path)]) == 0
+  printed = capsys.readouterr().out
+  fitted = json.loads(out.read_text())["fits"]["full"]
+  for name, value in true.as_dict().items():
+    assert fitted[name] == pytest.approx(value, rel=2e-2 if name == "B" else 1e-3), name
+  assert fitted["optimal_sparsity"] == pytest.approx(scaling.optimal_sparsity(true), abs=2e-3)
+  assert f"{scaling.optimal_sparsity(true):7.2%}" in printed and "45.58%" in printed  # beside the paper's
+  for name in ("loss_vs_activated.png", "loss_vs_sparsity.png"):
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_without_enough_runs_is_one_error(tmp_path, capsys):
+  preset = write_sweep(tmp_path, {"d16": dict(d_model=16, num_layers=1, num_heads=2, d_ff=32)}, (0.0, 0.5))
+  assert cli.main(["scaling", "fit", "--sweep", str(preset)]) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"qsparse scaling: error: 0 finished runs under {tmp_path / 'runs'}; a fit needs 5 of one weight precision: "
+      f"run `qsparse scaling sweep --sweep {preset}` first")
