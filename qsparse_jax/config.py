@@ -129,18 +129,23 @@ def _tuple_if_list(v):
   return tuple(v) if isinstance(v, list) else v
 
 
-def load_preset(path: str | pathlib.Path) -> Config:
-  """Execute a preset file and return its module-level `config`."""
+def preset_value(path: str | pathlib.Path, name: str, kind: type, *, what: str, example: str):
+  """Execute a Python preset file and return its module-level `name`, which must be a `kind`."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"config file {str(path)!r} does not exist (expected a preset such as configs/tiny.py)")
-  spec = importlib.util.spec_from_file_location(f"qsparse_preset_{path.stem}", path)
+    raise FileNotFoundError(f"{what} file {str(path)!r} does not exist (expected a preset such as {example})")
+  spec = importlib.util.spec_from_file_location(f"qsparse_{name}_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = getattr(module, "config", None)
-  if not isinstance(config, Config):
-    raise ValueError(f"{path} must define `config = Config(...)`, found {type(config).__name__}")
-  return config
+  value = getattr(module, name, None)
+  if not isinstance(value, kind):
+    raise ValueError(f"{path} must define `{name} = {kind.__name__}(...)`, found {type(value).__name__}")
+  return value
+
+
+def load_preset(path: str | pathlib.Path) -> Config:
+  """Execute a preset file and return its module-level `config`."""
+  return preset_value(path, "config", Config, what="config", example="configs/tiny.py")
 
 
 def _parse_value(text: str, annotation: Any, where: str) -> Any:

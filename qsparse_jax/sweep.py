@@ -10,12 +10,11 @@ started again at any time.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 from typing import Callable, Mapping
 
-from qsparse_jax.config import Config
+from qsparse_jax.config import Config, preset_value
 from qsparse_jax.model import count_params  # noqa: F401 (also used by callers as sweep.count_params)
 
 PRECISIONS = ("full", "ternary")  # float weights, or BitNet b1.58 weights (method.md §4)
@@ -72,17 +71,7 @@ def runs(sweep: Sweep) -> list[Run]:
 
 def load_sweep(path: str | pathlib.Path) -> Sweep:
   """Execute a sweep preset and return its module-level `sweep`."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"sweep file {str(path)!r} does not exist (expected a preset such as "
-                            "configs/scaling_sweep.py)")
-  spec = importlib.util.spec_from_file_location(f"qsparse_sweep_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = getattr(module, "sweep", None)
-  if not isinstance(sweep, Sweep):
-    raise ValueError(f"{path} must define `sweep = Sweep(...)`, found {type(sweep).__name__}")
-  return sweep
+  return preset_value(path, "sweep", Sweep, what="sweep", example="configs/scaling_sweep.py")
 
 
 def is_finished(run: Run) -> bool:
