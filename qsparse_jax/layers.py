@@ -104,6 +104,7 @@ class SparseLinear(nnx.Linear):
       the mask is taken from |x| before quantization.
     ternary_weights: BitNet b1.58 absmean ternary fake quantization of the kernel (method.md §4).
     l2_rescale: see `topk_sparsify`.
+    method: "topk", or "relu" for the ablation that sparsifies the input by ReLU instead (SparsityConfig).
     kernel_axes: logical axis names of the [in, out] kernel, default ("embed", "mlp"); the bias gets the second.
     kernels: "auto" | "xla" | "pallas", which implementation of the sparse core to use (see `sparsify_site`); with
       Pallas selected, an n:m site multiplies through the nm_matmul kernel.
@@ -114,10 +115,11 @@ class SparseLinear(nnx.Linear):
 
   def __init__(self, in_features: int, out_features: int, *, sparsity: float = 0.0, gradient: str = "ste",
                block: tuple[int, int] | None = None, act_bits: int | None = None, ternary_weights: bool = False,
-               l2_rescale: bool = False, kernel_axes: tuple[str | None, str | None] = ("embed", "mlp"),
-               kernels: str = "auto", rngs: nnx.Rngs, **linear_kwargs):
+               l2_rescale: bool = False, method: str = "topk",
+               kernel_axes: tuple[str | None, str | None] = ("embed", "mlp"), kernels: str = "auto",
+               rngs: nnx.Rngs, **linear_kwargs):
     site = SparsityConfig(sparsity=sparsity, gradient=gradient, block=tuple(block) if block else None,
-                          act_bits=act_bits, l2_rescale=l2_rescale)
+                          act_bits=act_bits, l2_rescale=l2_rescale, method=method)
     linear_kwargs.setdefault("kernel_metadata", logical_axes(tuple(kernel_axes)))
     linear_kwargs.setdefault("bias_metadata", logical_axes((kernel_axes[1],)))
     super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)

@@ -54,6 +54,7 @@ class ModelConfig:
   sparsity_down: float = 0.0
   gradient: Literal["ste", "masked"] = "ste"
   block: tuple[int, int] | None = None  # Block Q-Sparse n:m at every site, instead of plain top-K
+  sparsifier: Literal["topk", "relu"] = "topk"  # "relu": the ablation that puts ReLU at every site instead of top-K
   act_bits: int | None = None  # 8 for the paper's int8 activations
   ternary_weights: bool = False  # BitNet b1.58 weights
   dtype: str = "float32"  # compute dtype; parameters are float32
@@ -106,7 +107,8 @@ class ModelConfig:
 
   def sites(self) -> dict[str, SparsityConfig]:
     """The four sparsity sites of method.md §1 as SparsityConfigs."""
-    common = dict(gradient=self.gradient, block=tuple(self.block) if self.block else None, act_bits=self.act_bits)
+    common = dict(gradient=self.gradient, block=tuple(self.block) if self.block else None, act_bits=self.act_bits,
+                  method=self.sparsifier)
     try:
       return {name: SparsityConfig(sparsity=getattr(self, f"sparsity_{name}"), **common)
               for name in ("qkv", "out", "up", "down")}

@@ -209,6 +209,9 @@ class SparsityConfig:
     block: (n, m) for Block Q-Sparse (n survivors per m consecutive values); replaces plain top-K when set.
     act_bits: None, or the bits of per-token absmax activation fake quantization (8 in the paper).
     l2_rescale: rescale each sparsified token to the L2 norm of its dense input (see `topk_sparsify`).
+    method: "topk" (Q-Sparse), or "relu" for the paper's ablation that sparsifies by ReLU instead (method.md §2):
+      the site's input becomes ReLU(x), with ReLU's own gradient, and has as many zeros as it happens to have;
+      sparsity and block must then be unset.
   """
 
   sparsity: float = 0.0
@@ -216,6 +219,7 @@ class SparsityConfig:
   block: tuple[int, int] | None = None
   act_bits: int | None = None
   l2_rescale: bool = False
+  method: Literal["topk", "relu"] = "topk"
 
   def __post_init__(self):
     _check_sparsity(self.sparsity)
@@ -227,10 +231,14 @@ class SparsityConfig:
       _check_block(n, m, m)
     if self.act_bits is not None:
       _check_bits(self.act_bits, "act_bits")
+    if self.method not in ("topk", "relu"):
+      raise ValueError(f"method must be 'topk' or 'relu', got {self.method!r}")
+    if self.method == "relu" and (self.sparsity or self.block is not None or self.l2_rescale):
+      raise ValueError("method 'relu' sparsifies by ReLU alone: leave sparsity at 0, block unset and l2_rescale off")
 
   @property
   def is_identity(self) -> bool:
-    return self.sparsity == 0.0 and self.block is None and self.act_bits is None
+    return self.sparsity == 0.0 and self.block is None and self.act_bits is None and self.method == "topk"
 
 
 def _mask_for(x: jax.Array, cfg: SparsityConfig) -> jax.Array | None:
@@ -291,6 +299,9 @@ def sparsify(x: jax.Array, cfg: SparsityConfig) -> jax.Array:
   _check_float(x)
   if cfg.is_identity:
     return x
+  if cfg.method == "relu":  # the ablation: ReLU's zeros instead of top-K's, ReLU's gradient
+    x = jax.nn.relu(x)
+    return x if cfg.act_bits is None else _sparsify(x, dataclasses.replace(cfg, method="topk"))
   return _sparsify(x, cfg)
 
 

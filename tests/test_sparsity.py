@@ -269,3 +269,15 @@ def test_inexact_zero_ties_keep_the_same_values(x, sparsity):
   xf = np.asarray(x.astype(jnp.float32))
   np.testing.assert_array_equal(np.where(mask, xf, 0.0), np.where(ref, xf, 0.0))
   assert np.all(mask >= ref) and np.all(xf[mask & ~ref] == 0)
+
+
+def test_relu_method_is_relu_with_its_own_gradient():
+  """The ablation's sparsifier (method.md §2): ReLU(x) forward, the ReLU derivative backward (NumPy reference)."""
+  x = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
+  g = np.random.default_rng(4).standard_normal((4, 16)).astype(np.float32)
+  cfg = qs.SparsityConfig(method="relu")
+  y, vjp = jax.vjp(lambda v: qs.sparsify(v, cfg), jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(y), np.maximum(x, 0))
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), np.where(x > 0, g, 0))
+  with pytest.raises(ValueError, match="method 'relu' sparsifies by ReLU alone: leave sparsity at 0"):
+    qs.SparsityConfig(method="relu", sparsity=0.5)
