@@ -36,13 +36,15 @@ RUNS = {  # name -> ModelConfig changes from the dense base
     "topk50_ste": {"sparsity": 0.5},
     "topk50_masked": {"sparsity": 0.5, "gradient": "masked"},
     "relu": {"sparsifier": "relu"},
-    "block16_32": {"block": (16, 32)},
     "topk50_swiglu": {"sparsity": 0.5, "activation": "silu"},
+    # n:m blocks of 32 need widths divisible by 32: d_ff 352 instead of 344, with its own top-K reference
+    "topk50_ste_ff352": {"sparsity": 0.5, "d_ff": 352},
+    "block16_32": {"block": (16, 32), "d_ff": 352},
 }
 COMPARISONS = {
     "STE vs masked gradient (top-K 50%)": ("topk50_ste", "topk50_masked"),
     "top-K 50% vs ReLU": ("topk50_ste", "relu"),
-    "Block 16:32 vs top-K 50%": ("topk50_ste", "block16_32"),
+    "Block 16:32 vs top-K 50% (d_ff 352)": ("topk50_ste_ff352", "block16_32"),
     "ReLU²GLU vs SwiGLU (top-K 50%)": ("topk50_ste", "topk50_swiglu"),
 }
 
