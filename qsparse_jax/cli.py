@@ -119,7 +119,7 @@ def _generate(args) -> int:
 def _scaling(args) -> int:
   import json
 
-  from qsparse_jax import scaling_report, sweep
+  from qsparse_jax import scaling, scaling_report, sweep
 
   plan = sweep.load_sweep(args.sweep)
   if args.action == "sweep":
@@ -139,7 +139,7 @@ def _scaling(args) -> int:
   print(scaling_report.report(fits))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({"runs": rows, "fits": {
-        p: {**f.law.as_dict(), "optimal_sparsity": scaling_report.scaling.optimal_sparsity(f.law)}
+        p: {**f.law.as_dict(), "optimal_sparsity": scaling.optimal_sparsity(f.law)}
         for p, f in fits.items()}}, indent=2))
   if args.plots:
     for path in scaling_report.plot(rows, fits, args.plots):

@@ -15,7 +15,7 @@ import pathlib
 from typing import Callable, Mapping
 
 from qsparse_jax.config import Config, preset_value
-from qsparse_jax.model import count_params  # noqa: F401 (also used by callers as sweep.count_params)
+from qsparse_jax.model import count_params
 
 PRECISIONS = ("full", "ternary")  # float weights, or BitNet b1.58 weights (method.md §4)
 
@@ -82,8 +82,9 @@ def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> None:
   """Train every unfinished run of the sweep, in order (resuming an interrupted one)."""
   from qsparse_jax.train import train  # noqa: PLC0415 (the fit side of this module needs no JAX)
 
-  todo = [r for r in runs(sweep) if not is_finished(r)]
-  log(f"sweep: {len(runs(sweep)) - len(todo)} of {len(runs(sweep))} runs finished; {len(todo)} to train")
+  planned = runs(sweep)
+  todo = [r for r in planned if not is_finished(r)]
+  log(f"sweep: {len(planned) - len(todo)} of {len(planned)} runs finished; {len(todo)} to train")
   for i, run in enumerate(todo, 1):
     log(f"[{i}/{len(todo)}] {run.name}: {count_params(run.config.model)['non_embedding'] / 1e6:.2f}M "
         f"non-embedding parameters, sparsity {run.sparsity}, {run.precision} weights")

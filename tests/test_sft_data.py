@@ -165,7 +165,7 @@ def test_response_loss_counts_response_tokens_of_the_same_conversation_only(mode
   targets, seg = batch["tokens"][:, 1:], batch["segment_ids"]
   nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
   counted = (batch["loss_mask"][:, 1:] == 1) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-  assert counted.sum() > 0 and counted.sum() < (batch["loss_mask"][:, 1:] == 1).sum() + 1
+  assert counted.sum() > 0
   assert got == pytest.approx(nll[counted].mean(), rel=1e-5)  # float32 logits, float64 reference
 
 

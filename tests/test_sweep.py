@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from qsparse_jax import cli, scaling, sweep
+from qsparse_jax.model import count_params
 
 
 def write_sweep(tmp_path, sizes, sparsities, precisions=("full",), steps=2):
@@ -66,7 +67,7 @@ def test_fit_command_fits_the_finished_runs(tmp_path, monkeypatch, capsys):
   true = scaling.ScalingLaw(E=1.9, B=0.05, C=2.5, beta=0.08, alpha=0.15)
   for run in sweep.runs(plan):  # finished runs whose losses follow a known law (training them is the other test)
     run.directory.mkdir(parents=True)
-    n = sweep.count_params(run.config.model)["non_embedding"]
+    n = count_params(run.config.model)["non_embedding"]
     (run.directory / "final_metrics.json").write_text(json.dumps({"step": 2, "val_loss": true.loss(n, run.sparsity)}))
   monkeypatch.setattr(scaling, "DEFAULT_GRID", {"e": (0.5,), "b": (-2.0, 0.0), "c": (0.0, 1.0), "beta": (0.0,),
                                                 "alpha": (0.1, 0.3)})
