@@ -136,11 +136,12 @@ def _scaling(args) -> int:
     raise ValueError(f"{len(rows)} finished runs under {plan.out_dir}; a fit needs 5 of one weight precision: run "
                      f"`qsparse scaling sweep --sweep {args.sweep}` first")
   print(f"{len(rows)} runs from {plan.out_dir}")
-  print(scaling_report.report(fits))
+  spread = scaling_report.optimal_sparsity_spread(rows, fits)
+  print(scaling_report.report(fits, spread))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({"runs": rows, "fits": {
-        p: {**f.law.as_dict(), "optimal_sparsity": scaling.optimal_sparsity(f.law)}
-        for p, f in fits.items()}}, indent=2))
+        p: {**f.law.as_dict(), "optimal_sparsity": scaling.optimal_sparsity(f.law),
+            "optimal_sparsity_leave_one_out": spread.get(p)} for p, f in fits.items()}}, indent=2))
   if args.plots:
     for path in scaling_report.plot(rows, fits, args.plots):
       print(f"wrote {path}")

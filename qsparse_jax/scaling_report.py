@@ -17,23 +17,42 @@ def fit_families(rows: list[dict], *, grid: dict | None = None) -> dict[str, sca
   """A scaling.Fit per weight precision present in rows (sweep.results); a family needs 5 finished runs."""
   fits = {}
   for precision in sorted({r["precision"] for r in rows}):
-    family = [r for r in rows if r["precision"] == precision]
-    if len(family) < 5:
-      continue
-    fits[precision] = scaling.fit([r["non_embedding"] for r in family], [r["sparsity"] for r in family],
-                                  [r["val_loss"] for r in family], grid=grid)
+    points = _family(rows, precision)
+    if len(points[0]) >= 5:
+      fits[precision] = scaling.fit(*points, grid=grid)
   return fits
 
 
-def report(fits: dict[str, scaling.Fit]) -> str:
-  """The constants of each fit and its optimal sparsity beside the paper's."""
-  lines = [f"{'weights':>10} {'E':>7} {'B':>9} {'C':>9} {'beta':>8} {'alpha':>7} {'S*':>7} {'paper S*':>9} "
-           f"{'N/N_a':>6}"]
+def _family(rows: list[dict], precision: str) -> tuple[list[float], list[float], list[float]]:
+  family = [r for r in rows if r["precision"] == precision]
+  return [r["non_embedding"] for r in family], [r["sparsity"] for r in family], [r["val_loss"] for r in family]
+
+
+def optimal_sparsity_spread(rows: list[dict], fits: dict[str, scaling.Fit]) -> dict[str, tuple[float, float]]:
+  """Per family, the lowest and highest S* of the fits that leave out one run each (scaling.leave_one_out): how
+  much S* depends on any single run. Families with fewer than 6 runs are left out."""
+  spread = {}
+  for precision, fit in fits.items():
+    points = _family(rows, precision)
+    if len(points[0]) >= 6:
+      s_stars = [scaling.optimal_sparsity(law) for law in scaling.leave_one_out(*points, fit.law)]
+      spread[precision] = (min(s_stars), max(s_stars))
+  return spread
+
+
+def report(fits: dict[str, scaling.Fit], spread: dict[str, tuple[float, float]] | None = None) -> str:
+  """The constants of each fit and its optimal sparsity beside the paper's (with its leave-one-out range, when
+  given spread from optimal_sparsity_spread)."""
+  spread = spread or {}
+  lines = [f"{'weights':>10} {'E':>7} {'B':>9} {'C':>9} {'beta':>8} {'alpha':>7} {'S*':>7} {'leave-one-out':>15} "
+           f"{'paper S*':>9} {'N/N_a':>6}"]
   for precision, fit in fits.items():
     law, s_star = fit.law, scaling.optimal_sparsity(fit.law)
     paper = scaling.PAPER_OPTIMAL_SPARSITY[PAPER_LABEL[precision]]
+    lo, hi = spread.get(precision, (np.nan, np.nan))
+    loo = f"{lo:.1%}-{hi:.1%}" if precision in spread else "-"
     lines.append(f"{precision:>10} {law.E:7.4f} {law.B:9.4g} {law.C:9.4g} {law.beta:8.4f} {law.alpha:7.4f} "
-                 f"{s_star:7.2%} {paper:9.2%} {scaling.total_to_activated(s_star):6.2f}")
+                 f"{s_star:7.2%} {loo:>15} {paper:9.2%} {scaling.total_to_activated(s_star):6.2f}")
   return "\n".join(lines)
 
 

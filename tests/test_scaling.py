@@ -40,6 +40,21 @@ def test_fit_is_robust_to_noise_and_outliers():
   assert scaling.optimal_sparsity(fit.law) == pytest.approx(scaling.optimal_sparsity(TRUE), abs=0.03)
 
 
+def test_leave_one_out_refits_each_subset():
+  n, s, loss = grid_points(TRUE, noise=1e-3, seed=2)
+  full = scaling.fit(n, s, loss, grid=SMALL_GRID)
+  laws = scaling.leave_one_out(n, s, loss, full.law)
+  assert len(laws) == len(n)
+  for i in (0, 7, 14):  # each equals a fit from the grid on the points without i (an independent search)
+    keep = np.arange(len(n)) != i
+    alone = scaling.fit(n[keep], s[keep], loss[keep], grid=SMALL_GRID)
+    np.testing.assert_allclose(laws[i].loss(n, s), alone.law.loss(n, s), rtol=1e-5)
+  # Exact points: dropping any one leaves the law determined, so every refit is the law itself.
+  exact = scaling.leave_one_out(*grid_points(TRUE), TRUE)
+  np.testing.assert_allclose([scaling.optimal_sparsity(law) for law in exact], scaling.optimal_sparsity(TRUE),
+                             atol=1e-4)
+
+
 def test_optimal_sparsity_matches_a_brute_force_search():
   s = np.linspace(0, 0.99, 990_001)
   for law in (TRUE, scaling.PAPER_FULL_PRECISION):

@@ -78,6 +78,8 @@ def test_fit_command_fits_the_finished_runs(tmp_path, monkeypatch, capsys):
   for name, value in true.as_dict().items():
     assert fitted[name] == pytest.approx(value, rel=2e-2 if name == "B" else 1e-3), name
   assert fitted["optimal_sparsity"] == pytest.approx(scaling.optimal_sparsity(true), abs=2e-3)
+  lo, hi = fitted["optimal_sparsity_leave_one_out"]  # exact points: no single run moves S*
+  assert lo == pytest.approx(fitted["optimal_sparsity"], abs=1e-3) and hi == pytest.approx(lo, abs=1e-3)
   assert f"{scaling.optimal_sparsity(true):7.2%}" in printed and "45.58%" in printed  # beside the paper's
   for name in ("loss_vs_activated.png", "loss_vs_sparsity.png"):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
