@@ -134,6 +134,8 @@ def fit(n: Sequence[float], s: Sequence[float], loss: Sequence[float], *, grid: 
   names = ("e", "b", "c", "beta", "alpha")
   starts = [np.asarray(p, np.float64) for p in itertools.product(*(grid[k] for k in names))]
   coarse = [r for r in (_lbfgs(p, args, coarse_steps) for p in starts) if np.isfinite(r.fun)]
+  if not coarse:
+    raise ValueError(f"no starting point of the grid gave a finite objective on these {len(n)} points")
   coarse.sort(key=lambda r: r.fun)
   polished = [r if r.success else _lbfgs(r.x, args, CONVERGE_STEPS) for r in coarse[:polish]]
   best = min(polished, key=lambda r: r.fun)
