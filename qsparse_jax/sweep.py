@@ -2,7 +2,7 @@
 the same text for the same number of tokens, then fitted with scaling.fit.
 
 A sweep preset (configs/scaling_sweep.py) defines `sweep = Sweep(...)`. Every run gets its own directory
-<out_dir>/<size>-s<sparsity %>-<precision>; a run whose final_metrics.json exists is finished and not redone, and an
+<out_dir>/<size>-s<sparsity %>-<precision>[-seed<k>]; a run whose final_metrics.json exists is finished and not redone, and an
 interrupted one resumes from its last checkpoint (train.train), so `qsparse scaling sweep` can be stopped and
 started again at any time.
 """
@@ -10,6 +10,7 @@ started again at any time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import pathlib
 from typing import Callable, Mapping
@@ -23,17 +24,21 @@ PRECISIONS = ("full", "ternary")  # float weights, or BitNet b1.58 weights (meth
 @dataclasses.dataclass(frozen=True)
 class Sweep:
   """base: the data, training and model settings shared by every run; sizes: name -> ModelConfig fields that
-  set the size (d_model, num_layers, num_heads, d_ff, ...)."""
+  set the size (d_model, num_layers, num_heads, d_ff, ...); seeds: replicates of every run, seed k adding k to the
+  base's initialization seed and data shuffle seed (the validation data stay the same)."""
 
   base: Config
   sizes: Mapping[str, Mapping[str, int]]
   sparsities: tuple[float, ...] = (0.0, 0.3, 0.45, 0.6, 0.8)
   precisions: tuple[str, ...] = PRECISIONS
   out_dir: str = "runs/scaling"
+  seeds: tuple[int, ...] = (0,)
 
   def __post_init__(self):
     if not self.sizes:
       raise ValueError("sweep.sizes must name at least one model size")
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+      raise ValueError(f"sweep.seeds must be distinct non-negative integers, at least one, got {self.seeds}")
     for precision in self.precisions:
       if precision not in PRECISIONS:
         raise ValueError(f"sweep.precisions: {precision!r} is not one of {PRECISIONS}")
@@ -48,6 +53,7 @@ class Run:
   size: str
   sparsity: float
   precision: str
+  seed: int
   config: Config
 
   @property
@@ -57,15 +63,16 @@ class Run:
 
 def runs(sweep: Sweep) -> list[Run]:
   """Every run of the sweep, smallest model first."""
-  out = []
+  out, base = [], sweep.base
   for size, fields in sweep.sizes.items():
-    for precision in sweep.precisions:
-      for sparsity in sweep.sparsities:
-        name = f"{size}-s{round(sparsity * 100):02d}-{precision}"
-        model = dataclasses.replace(sweep.base.model, **fields, ternary_weights=precision == "ternary")
-        train = dataclasses.replace(sweep.base.train, out_dir=str(pathlib.Path(sweep.out_dir) / name))
-        out.append(Run(name, size, sparsity, precision,
-                       dataclasses.replace(sweep.base, model=model.with_sparsity(sparsity), train=train)))
+    for precision, sparsity, seed in itertools.product(sweep.precisions, sweep.sparsities, sweep.seeds):
+      name = f"{size}-s{round(sparsity * 100):02d}-{precision}" + (f"-seed{seed}" if seed else "")
+      model = dataclasses.replace(base.model, **fields, ternary_weights=precision == "ternary")
+      train = dataclasses.replace(base.train, out_dir=str(pathlib.Path(sweep.out_dir) / name),
+                                  seed=base.train.seed + seed)
+      data = dataclasses.replace(base.data, shuffle_seed=base.data.shuffle_seed + seed)
+      out.append(Run(name, size, sparsity, precision, seed,
+                     dataclasses.replace(base, model=model.with_sparsity(sparsity), train=train, data=data)))
   return sorted(out, key=lambda r: count_params(r.config.model)["non_embedding"])
 
 
@@ -93,7 +100,7 @@ def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> None:
 
 
 def results(sweep: Sweep) -> list[dict]:
-  """One row per finished run: name, size, sparsity, precision, non_embedding, activated, val_loss."""
+  """One row per finished run: name, size, sparsity, precision, seed, non_embedding, activated, val_loss."""
   from qsparse_jax.model import activated_params_per_token  # noqa: PLC0415
 
   rows = []
@@ -101,6 +108,6 @@ def results(sweep: Sweep) -> list[dict]:
     if is_finished(run):
       final = json.loads((run.directory / "final_metrics.json").read_text())
       rows.append({"name": run.name, "size": run.size, "sparsity": run.sparsity, "precision": run.precision,
-                   "non_embedding": count_params(run.config.model)["non_embedding"],
+                   "seed": run.seed, "non_embedding": count_params(run.config.model)["non_embedding"],
                    "activated": activated_params_per_token(run.config.model), "val_loss": final["val_loss"]})
   return rows

@@ -1,6 +1,8 @@
 """The scaling sweep trains each run once and resumes; `qsparse scaling fit` fits the finished runs."""
 
+import dataclasses
 import json
+import pathlib
 import textwrap
 
 import numpy as np
@@ -58,6 +60,17 @@ def test_sweep_trains_each_run_once(tmp_path):
   sweep.run_sweep(plan, log=logs.append)  # nothing is redone
   assert logs == ["sweep: 1 of 1 runs finished; 0 to train"]
   assert (tmp_path / "runs" / "d16-s50-full" / "final_metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_seeds_replicate_every_run(tmp_path):
+  plan = dataclasses.replace(write_and_load(tmp_path, (0.5,), ("full",)), seeds=(0, 2))
+  planned = [(r.name, r.seed, r.config.train.seed, r.config.data.shuffle_seed, pathlib.Path(r.config.train.out_dir))
+             for r in sweep.runs(plan)]
+  runs_dir = tmp_path / "other" / "runs"
+  assert planned == [("d16-s50-full", 0, 0, 0, runs_dir / "d16-s50-full"),  # seed 0 keeps the unseeded name
+                     ("d16-s50-full-seed2", 2, 2, 2, runs_dir / "d16-s50-full-seed2")]
+  with pytest.raises(ValueError, match=r"sweep.seeds must be distinct non-negative integers, at least one, got \(1, 1\)"):
+    dataclasses.replace(plan, seeds=(1, 1))
 
 
 def test_fit_command_fits_the_finished_runs(tmp_path, monkeypatch, capsys):
