@@ -136,6 +136,7 @@ def _scaling(args) -> int:
     raise ValueError(f"{len(rows)} finished runs under {plan.out_dir}; a fit needs 5 of one weight precision: run "
                      f"`qsparse scaling sweep --sweep {args.sweep}` first")
   print(f"{len(rows)} runs from {plan.out_dir}")
+  print(scaling_report.loss_table(rows))
   spread = scaling_report.optimal_sparsity_spread(rows, fits)
   print(scaling_report.report(fits, spread))
   if args.json:

@@ -23,6 +23,27 @@ def fit_families(rows: list[dict], *, grid: dict | None = None) -> dict[str, sca
   return fits
 
 
+def loss_table(rows: list[dict]) -> str:
+  """Validation loss per size and weight precision (rows) and sparsity (columns), the mean over seeds; with
+  replicates, the largest relative difference between the seeds of one point (the run-to-run noise)."""
+  sparsities = sorted({r["sparsity"] for r in rows})
+  points: dict[tuple, list[float]] = {}
+  for r in rows:
+    points.setdefault((r["non_embedding"], r["size"], r["precision"], r["sparsity"]), []).append(r["val_loss"])
+  header = " ".join(f"{'S=' + format(s, '.2f'):>8}" for s in sparsities)
+  lines = [f"{'size':>6} {'non-emb':>8} {'weights':>8} {header}"]
+  for n, size, precision in sorted({k[:3] for k in points}):
+    cells = [points.get((n, size, precision, s)) for s in sparsities]
+    lines.append(f"{size:>6} {n / 1e6:7.2f}M {precision:>8} " +
+                 " ".join(f"{np.mean(c):8.4f}" if c else f"{'-':>8}" for c in cells))
+  replicated = {k: v for k, v in points.items() if len(v) > 1}
+  if replicated:
+    key, losses = max(replicated.items(), key=lambda kv: (max(kv[1]) - min(kv[1])) / min(kv[1]))
+    lines.append(f"{len(replicated)} of {len(points)} points with several seeds; the largest difference between seeds: "
+                 f"{(max(losses) - min(losses)) / min(losses):.2%} ({key[1]}, {key[2]}, S={key[3]:.2f})")
+  return "\n".join(lines)
+
+
 def _family(rows: list[dict], precision: str) -> tuple[list[float], list[float], list[float]]:
   family = [r for r in rows if r["precision"] == precision]
   return [r["non_embedding"] for r in family], [r["sparsity"] for r in family], [r["val_loss"] for r in family]

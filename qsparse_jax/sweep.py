@@ -1,10 +1,10 @@
 """The scaling sweep (method.md §6): a grid of model sizes x sparsities x weight precisions, each model trained on
 the same text for the same number of tokens, then fitted with scaling.fit.
 
-A sweep preset (configs/scaling_sweep.py) defines `sweep = Sweep(...)`. Every run gets its own directory
-<out_dir>/<size>-s<sparsity %>-<precision>[-seed<k>]; a run whose final_metrics.json exists is finished and not redone, and an
-interrupted one resumes from its last checkpoint (train.train), so `qsparse scaling sweep` can be stopped and
-started again at any time.
+A sweep preset (configs/scaling_sweep.py) defines `sweep = Sweep(...)`. Every run gets its own directory,
+<out_dir>/<size>-s<sparsity %>-<precision>[-seed<k>]; a run whose final_metrics.json exists is finished and not
+redone, and an interrupted one resumes from its last checkpoint (train.train), so `qsparse scaling sweep` can be
+stopped and started again at any time.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from qsparse_jax import cli, scaling, sweep
+from qsparse_jax import cli, scaling, scaling_report, sweep
 from qsparse_jax.model import count_params
 
 
@@ -69,7 +69,8 @@ def test_seeds_replicate_every_run(tmp_path):
   runs_dir = tmp_path / "other" / "runs"
   assert planned == [("d16-s50-full", 0, 0, 0, runs_dir / "d16-s50-full"),  # seed 0 keeps the unseeded name
                      ("d16-s50-full-seed2", 2, 2, 2, runs_dir / "d16-s50-full-seed2")]
-  with pytest.raises(ValueError, match=r"sweep.seeds must be distinct non-negative integers, at least one, got \(1, 1\)"):
+  with pytest.raises(ValueError, match=r"sweep.seeds must be distinct non-negative integers, at least one, "
+                                       r"got \(1, 1\)"):
     dataclasses.replace(plan, seeds=(1, 1))
 
 
@@ -96,6 +97,19 @@ def test_fit_command_fits_the_finished_runs(tmp_path, monkeypatch, capsys):
   assert f"{scaling.optimal_sparsity(true):7.2%}" in printed and "45.58%" in printed  # beside the paper's
   for name in ("loss_vs_activated.png", "loss_vs_sparsity.png"):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_table_averages_seeds_and_names_the_largest_difference():
+  def row(size, n, s, loss, seed=0):
+    return {"size": size, "non_embedding": n, "precision": "full", "sparsity": s, "seed": seed, "val_loss": loss}
+
+  rows = [row("d32", 2e6, 0.0, 2.0), row("d32", 2e6, 0.5, 2.2), row("d32", 2e6, 0.5, 2.31, seed=1),
+          row("d16", 5e5, 0.5, 2.5), row("d16", 5e5, 0.5, 2.55, seed=1)]
+  assert scaling_report.loss_table(rows).splitlines() == [
+      "  size  non-emb  weights   S=0.00   S=0.50",
+      "   d16    0.50M     full        -   2.5250",  # smallest first; a point not run is a dash
+      "   d32    2.00M     full   2.0000   2.2550",
+      "2 of 3 points with several seeds; the largest difference between seeds: 5.00% (d32, full, S=0.50)"]
 
 
 def test_fit_without_enough_runs_is_one_error(tmp_path, capsys):
