@@ -72,12 +72,12 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
   # Resume with files capped at 32 KiB (as a full disk would): the step-6 save cannot be written.
   result = run_cli("train", "--config", str(preset), max_file_bytes=32 * 1024)
   assert result.returncode == 1, result.stderr
-  # The error is the last line, and the only one of ours. TensorStore's own threads may still print "Event loop is
-  # closed" traces before it while the failed save is torn down (timing-dependent; left open, see the closing note).
+  # One error line of ours. TensorStore's own threads may still print "Event loop is closed" traces around it while
+  # the failed save is torn down, before or (on a loaded machine) after it: timing-dependent, not ours to order.
   lines = result.stderr.strip().splitlines()
-  assert lines[-1] == (f"qsparse train: error: saving a checkpoint under {tmp_path / 'run' / 'checkpoints'} "
-                       "failed (File too large [os_error_code='27']); the checkpoint of step 3 is intact")
-  assert sum(line.startswith("qsparse") for line in lines) == 1
+  assert [line for line in lines if line.startswith("qsparse")] == [
+      f"qsparse train: error: saving a checkpoint under {tmp_path / 'run' / 'checkpoints'} "
+      "failed (File too large [os_error_code='27']); the checkpoint of step 3 is intact"]
   checkpointer = Checkpointer(tmp_path / "run" / "checkpoints")
   assert checkpointer.latest_step() == 3
   tx = make_optimizer(config.train)
