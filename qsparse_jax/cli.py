@@ -131,11 +131,15 @@ def _scaling(args) -> int:
     sweep.run_sweep(plan)
     return 0
   rows = sweep.results(plan)
+  if args.seed is not None:
+    if args.seed not in plan.seeds:
+      raise ValueError(f"--seed {args.seed}: the sweep {args.sweep} has seeds {plan.seeds}")
+    rows = [r for r in rows if r["seed"] == args.seed]
   fits = scaling_report.fit_families(rows)
   if not fits:
     raise ValueError(f"{len(rows)} finished runs under {plan.out_dir}; a fit needs 5 of one weight precision: run "
                      f"`qsparse scaling sweep --sweep {args.sweep}` first")
-  print(f"{len(rows)} runs from {plan.out_dir}")
+  print(f"{len(rows)} runs from {plan.out_dir}" + ("" if args.seed is None else f" (seed {args.seed})"))
   print(scaling_report.loss_table(rows))
   spread = scaling_report.optimal_sparsity_spread(rows, fits)
   print(scaling_report.report(fits, spread))
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
   p_scale.add_argument("--sweep", default="configs/scaling_sweep.py", help="sweep preset (defines `sweep`)")
   p_scale.add_argument("--plots", help="fit: write loss_vs_activated.png and loss_vs_sparsity.png into this folder")
   p_scale.add_argument("--json", help="fit: also write the runs and fitted constants as JSON to this file")
+  p_scale.add_argument("--seed", type=int, help="fit: only the runs of this seed (default: every seed's runs)")
   args = parser.parse_args(argv)
   try:
     return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf,

@@ -12,7 +12,7 @@ from qsparse_jax import cli, scaling, scaling_report, sweep
 from qsparse_jax.model import count_params
 
 
-def write_sweep(tmp_path, sizes, sparsities, precisions=("full",), steps=2):
+def write_sweep(tmp_path, sizes, sparsities, precisions=("full",), steps=2, seeds=(0,)):
   tmp_path.mkdir(exist_ok=True)
   corpus = tmp_path / "corpus.txt"
   rng = np.random.default_rng(0)
@@ -29,7 +29,7 @@ def write_sweep(tmp_path, sizes, sparsities, precisions=("full",), steps=2):
                       train=TrainConfig(steps={steps}, batch_size=8, warmup_steps=1, eval_every={steps},
                                         eval_batches=1, log_every=1, checkpoint_every={steps}, sample_tokens=0,
                                         progress=False)),
-          sizes={sizes!r}, sparsities={sparsities!r}, precisions={precisions!r},
+          sizes={sizes!r}, sparsities={sparsities!r}, precisions={precisions!r}, seeds={seeds!r},
           out_dir={str(tmp_path / "runs")!r})
       """))
   return preset
@@ -110,6 +110,27 @@ def test_loss_table_averages_seeds_and_names_the_largest_difference():
       "   d16    0.50M     full        -   2.5250",  # smallest first; a point not run is a dash
       "   d32    2.00M     full   2.0000   2.2550",
       "2 of 3 points with several seeds; the largest difference between seeds: 5.00% (d32, full, S=0.50)"]
+
+
+def test_fit_of_one_seed_uses_only_its_runs(tmp_path, monkeypatch, capsys):
+  sizes = {f"d{d}": dict(d_model=d, num_layers=1, num_heads=2, d_ff=2 * d) for d in (16, 32, 64)}
+  preset = write_sweep(tmp_path, sizes, (0.0, 0.3, 0.45, 0.6, 0.8), seeds=(0, 1))
+  laws = {0: scaling.ScalingLaw(E=1.9, B=0.05, C=2.5, beta=0.08, alpha=0.15),
+          1: scaling.ScalingLaw(E=1.7, B=0.05, C=3.0, beta=0.12, alpha=0.20)}
+  for run in sweep.runs(sweep.load_sweep(preset)):  # each seed's runs follow their own law
+    run.directory.mkdir(parents=True)
+    loss = laws[run.seed].loss(count_params(run.config.model)["non_embedding"], run.sparsity)
+    (run.directory / "final_metrics.json").write_text(json.dumps({"step": 2, "val_loss": loss}))
+  monkeypatch.setattr(scaling, "DEFAULT_GRID", {"e": (0.5,), "b": (-2.0, 0.0), "c": (0.0, 1.0), "beta": (0.0,),
+                                                "alpha": (0.1, 0.3)})
+  for seed, law in laws.items():
+    out = tmp_path / f"fit{seed}.json"
+    assert cli.main(["scaling", "fit", "--sweep", str(preset), "--seed", str(seed), "--json", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"15 runs from {tmp_path / 'runs'} (seed {seed})\n")
+    fitted = json.loads(out.read_text())["fits"]["full"]
+    assert fitted["optimal_sparsity"] == pytest.approx(scaling.optimal_sparsity(law), abs=2e-3)
+  assert cli.main(["scaling", "fit", "--sweep", str(preset), "--seed", "2"]) == 2
+  assert capsys.readouterr().err.strip() == f"qsparse scaling: error: --seed 2: the sweep {preset} has seeds (0, 1)"
 
 
 def test_fit_without_enough_runs_is_one_error(tmp_path, capsys):
