@@ -2,7 +2,7 @@
 (0.10M, 0.59M, 1.77M) x sparsities 0, 0.3, 0.45, 0.6, 0.8 at every site x full-precision and BitNet b1.58 weights:
 30 runs, each 400 steps of 16 x 128 bytes (0.82M tokens) of the standard library's sources, ReLU²GLU, top-K with STE.
 
-    qsparse scaling sweep --sweep configs/scaling_sweep.py     # about 1.7 hours on 2 CPU cores; resumable
+    qsparse scaling sweep --sweep configs/scaling_sweep.py     # about 1.5 hours on 2 CPU cores; resumable
     qsparse scaling fit --sweep configs/scaling_sweep.py --plots docs/
 """
 
