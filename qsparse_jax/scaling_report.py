@@ -39,8 +39,8 @@ def loss_table(rows: list[dict]) -> str:
   replicated = {k: v for k, v in points.items() if len(v) > 1}
   if replicated:
     key, losses = max(replicated.items(), key=lambda kv: (max(kv[1]) - min(kv[1])) / min(kv[1]))
-    lines.append(f"{len(replicated)} of {len(points)} points with several seeds; the largest difference between seeds: "
-                 f"{(max(losses) - min(losses)) / min(losses):.2%} ({key[1]}, {key[2]}, S={key[3]:.2f})")
+    lines.append(f"{len(replicated)} of {len(points)} points with several seeds; the largest difference between "
+                 f"seeds: {(max(losses) - min(losses)) / min(losses):.2%} ({key[1]}, {key[2]}, S={key[3]:.2f})")
   return "\n".join(lines)
 
 
@@ -70,8 +70,7 @@ def report(fits: dict[str, scaling.Fit], spread: dict[str, tuple[float, float]] 
   for precision, fit in fits.items():
     law, s_star = fit.law, scaling.optimal_sparsity(fit.law)
     paper = scaling.PAPER_OPTIMAL_SPARSITY[PAPER_LABEL[precision]]
-    lo, hi = spread.get(precision, (np.nan, np.nan))
-    loo = f"{lo:.1%}-{hi:.1%}" if precision in spread else "-"
+    loo = "{:.1%}-{:.1%}".format(*spread[precision]) if precision in spread else "-"
     lines.append(f"{precision:>10} {law.E:7.4f} {law.B:9.4g} {law.C:9.4g} {law.beta:8.4f} {law.alpha:7.4f} "
                  f"{s_star:7.2%} {loo:>15} {paper:9.2%} {scaling.total_to_activated(s_star):6.2f}")
   return "\n".join(lines)
