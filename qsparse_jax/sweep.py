@@ -55,6 +55,7 @@ class Run:
   precision: str
   seed: int
   config: Config
+  non_embedding: int  # parameters, the N of the scaling law
 
   @property
   def directory(self) -> pathlib.Path:
@@ -65,6 +66,9 @@ def runs(sweep: Sweep) -> list[Run]:
   """Every run of the sweep, smallest model first."""
   out, base = [], sweep.base
   for size, fields in sweep.sizes.items():
+    # Sparsity and seed add no parameters: one count (an eval_shape) per size and precision.
+    counts = {p: count_params(dataclasses.replace(base.model, **fields, ternary_weights=p == "ternary"))
+              for p in sweep.precisions}
     for precision, sparsity, seed in itertools.product(sweep.precisions, sweep.sparsities, sweep.seeds):
       name = f"{size}-s{round(sparsity * 100):02d}-{precision}" + (f"-seed{seed}" if seed else "")
       model = dataclasses.replace(base.model, **fields, ternary_weights=precision == "ternary")
@@ -72,8 +76,9 @@ def runs(sweep: Sweep) -> list[Run]:
                                   seed=base.train.seed + seed)
       data = dataclasses.replace(base.data, shuffle_seed=base.data.shuffle_seed + seed)
       out.append(Run(name, size, sparsity, precision, seed,
-                     dataclasses.replace(base, model=model.with_sparsity(sparsity), train=train, data=data)))
-  return sorted(out, key=lambda r: count_params(r.config.model)["non_embedding"])
+                     dataclasses.replace(base, model=model.with_sparsity(sparsity), train=train, data=data),
+                     counts[precision]["non_embedding"]))
+  return sorted(out, key=lambda r: r.non_embedding)
 
 
 def load_sweep(path: str | pathlib.Path) -> Sweep:
@@ -93,7 +98,7 @@ def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> None:
   todo = [r for r in planned if not is_finished(r)]
   log(f"sweep: {len(planned) - len(todo)} of {len(planned)} runs finished; {len(todo)} to train")
   for i, run in enumerate(todo, 1):
-    log(f"[{i}/{len(todo)}] {run.name}: {count_params(run.config.model)['non_embedding'] / 1e6:.2f}M "
+    log(f"[{i}/{len(todo)}] {run.name}: {run.non_embedding / 1e6:.2f}M "
         f"non-embedding parameters, sparsity {run.sparsity}, {run.precision} weights")
     result = train(run.config, log=lambda _: None)
     log(f"[{i}/{len(todo)}] {run.name}: validation loss {result['val_loss']:.4f}")
@@ -108,6 +113,6 @@ def results(sweep: Sweep) -> list[dict]:
     if is_finished(run):
       final = json.loads((run.directory / "final_metrics.json").read_text())
       rows.append({"name": run.name, "size": run.size, "sparsity": run.sparsity, "precision": run.precision,
-                   "seed": run.seed, "non_embedding": count_params(run.config.model)["non_embedding"],
+                   "seed": run.seed, "non_embedding": run.non_embedding,
                    "activated": activated_params_per_token(run.config.model), "val_loss": final["val_loss"]})
   return rows

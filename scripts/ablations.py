@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from qsparse_jax import data as data_lib
 from qsparse_jax import evaluation, inference
 from qsparse_jax.sweep import load_sweep
 from qsparse_jax.train import lm_loss, train
@@ -81,8 +82,8 @@ def run(base, name, out, steps, segment, log) -> list[dict]:
   config = run_config(base, name, out, steps, segment)
   rows_path = out / name / "ablation.jsonl"
   rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
-  from qsparse_jax import data as data_lib  # noqa: PLC0415
-
+  if rows and rows[-1]["step"] >= steps:
+    return rows  # measured already: no batches to build
   tokenizer = data_lib.make_tokenizer(config.data.tokenizer)
   batches = evaluation.validation_batches(config, tokenizer, num_batches=4, batch_size=config.train.batch_size)
   grad_batch = next(iter(data_lib.lm_batches(data_lib.text_source(config.data, "train"), tokenizer,

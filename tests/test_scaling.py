@@ -49,10 +49,11 @@ def test_leave_one_out_refits_each_subset():
     keep = np.arange(len(n)) != i
     alone = scaling.fit(n[keep], s[keep], loss[keep], grid=SMALL_GRID)
     np.testing.assert_allclose(laws[i].loss(n, s), alone.law.loss(n, s), rtol=1e-5)
-  # Exact points: dropping any one leaves the law determined, so every refit is the law itself.
-  exact = scaling.leave_one_out(*grid_points(TRUE), TRUE)
+  # Exact points: dropping any one leaves the law determined, so every refit, started away from it, finds it again.
+  start = scaling.ScalingLaw(E=1.7, B=0.1, C=2.0, beta=0.05, alpha=0.2)
+  exact = scaling.leave_one_out(*grid_points(TRUE), start)
   np.testing.assert_allclose([scaling.optimal_sparsity(law) for law in exact], scaling.optimal_sparsity(TRUE),
-                             atol=1e-4)
+                             atol=2e-3)  # as the grid fit on all the points: the valley is flat along E and α
 
 
 def test_optimal_sparsity_matches_a_brute_force_search():
