@@ -10,8 +10,7 @@ down projection (method.md §1), at the sparsities of the paper's Table 2 (40% q
 
 import dataclasses
 
-from qsparse_jax.config import Config, DataConfig, MeshConfig, TrainConfig
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
 
 MISTRAL_7B = ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336,
                          activation="silu", max_seq_len=4096, rope_theta=10000.0, tie_embeddings=False,

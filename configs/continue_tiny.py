@@ -6,8 +6,7 @@ decayed polynomially after a warm-up, clip 2.0, weight decay 0.01).
     qsparse train --config configs/continue_tiny.py
 """
 
-from qsparse_jax.config import Config, DataConfig, TrainConfig
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 
 config = Config(
     model=ModelConfig(vocab_size=257, d_model=192, num_layers=4, num_heads=6, d_ff=512, max_seq_len=128,

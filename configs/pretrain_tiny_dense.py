@@ -4,8 +4,7 @@ standard library's sources; configs/continue_tiny.py then turns it into a Q-Spar
     qsparse train --config configs/pretrain_tiny_dense.py
 """
 
-from qsparse_jax.config import Config, DataConfig, TrainConfig
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 
 config = Config(
     model=ModelConfig(vocab_size=257, d_model=192, num_layers=4, num_heads=6, d_ff=512, max_seq_len=128,

@@ -6,9 +6,8 @@
     qsparse scaling fit --sweep configs/scaling_sweep.py --plots docs/
 """
 
-from qsparse_jax.config import Config, DataConfig, TrainConfig
-from qsparse_jax.model import ModelConfig
-from qsparse_jax.sweep import Sweep
+from qsparse_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+from qsparse_jax.research.sweep import Sweep
 
 sweep = Sweep(
     base=Config(

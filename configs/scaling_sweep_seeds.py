@@ -9,7 +9,7 @@ Its seed-0 runs are the main sweep's, so after that sweep this trains 15 runs (3
 import dataclasses
 import pathlib
 
-from qsparse_jax.sweep import load_sweep
+from qsparse_jax.research.sweep import load_sweep
 
 sweep = dataclasses.replace(load_sweep(pathlib.Path(__file__).with_name("scaling_sweep.py")), precisions=("full",),
                             seeds=(0, 1))

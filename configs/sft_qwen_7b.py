@@ -15,8 +15,7 @@ preset's steps assume about 4.2M records and 4 conversations per row; adjust tra
 
 import dataclasses
 
-from qsparse_jax.config import Config, DataConfig, MeshConfig, TrainConfig
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
 
 QWEN1_5_7B = ModelConfig(vocab_size=151936, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, d_ff=11008,
                          activation="silu", max_seq_len=32768, rope_theta=1_000_000.0, tie_embeddings=False,

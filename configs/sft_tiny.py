@@ -8,8 +8,7 @@ without attention across them; the shape of the paper's recipe: cosine decay aft
     qsparse train --config configs/sft_tiny.py
 """
 
-from qsparse_jax.config import Config, DataConfig, TrainConfig
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 
 config = Config(
     model=ModelConfig(vocab_size=257, d_model=192, num_layers=4, num_heads=6, d_ff=512, max_seq_len=384,

@@ -4,8 +4,7 @@ Q-Sparse at every site with the paper's main setting "top-K 70%" (sparsity 0.3),
     qsparse train --config configs/tiny.py
 """
 
-from qsparse_jax.config import Config, DataConfig, TrainConfig
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 
 config = Config(
     model=ModelConfig(vocab_size=257, d_model=192, num_layers=4, num_heads=6, d_ff=512, max_seq_len=128,

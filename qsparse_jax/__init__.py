@@ -1,7 +1,9 @@
-"""qsparse-jax: Q-Sparse activation sparsity (top-K, straight-through, Block Q-Sparse, 1.58-bit) for JAX and Flax NNX."""
+"""qsparse-jax: Q-Sparse activation sparsity (top-K, straight-through, Block Q-Sparse, 1.58-bit) for JAX and Flax NNX.
 
-from qsparse_jax.selection import mask_from_thresholds, row_thresholds
-from qsparse_jax.sparsity import (
+The operators of qsparse_jax.ops are re-exported here; the rest lives in subpackages by role (docs/architecture.md).
+"""
+
+from qsparse_jax.ops import (
     GRADIENT_MODES,
     SparsityConfig,
     absmax_quantize,
@@ -9,7 +11,9 @@ from qsparse_jax.sparsity import (
     block_topk_mask,
     block_topk_sparsify,
     keep_count,
+    mask_from_thresholds,
     quantize_activations,
+    row_thresholds,
     sparsify,
     ternarize,
     topk_mask,

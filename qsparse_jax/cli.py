@@ -29,7 +29,7 @@ def _train(args) -> int:
   import tensorflow_datasets as tfds
 
   from qsparse_jax.config import apply_overrides, load_preset
-  from qsparse_jax.train import train
+  from qsparse_jax.training.loop import train
 
   absl.logging.set_verbosity(absl.logging.FATAL)  # library tracebacks become the one-line errors below
   tfds.disable_progress_bar()
@@ -38,7 +38,7 @@ def _train(args) -> int:
     print(config)
     return 0
   if args.distributed:
-    from qsparse_jax import distributed
+    from qsparse_jax.parallel import distributed
 
     distributed.initialize()
   result = train(config)
@@ -53,7 +53,9 @@ def _train(args) -> int:
 def _generate(args) -> int:
   import absl.logging
 
-  from qsparse_jax import chat, decode, inference
+  from qsparse_jax import inference
+  from qsparse_jax.data import chat
+  from qsparse_jax.inference import decode
 
   absl.logging.set_verbosity(absl.logging.FATAL)
   if (args.prompt is None) == (args.prompts_file is None):
@@ -119,7 +121,7 @@ def _generate(args) -> int:
 def _scaling(args) -> int:
   import json
 
-  from qsparse_jax import scaling, scaling_report, sweep
+  from qsparse_jax.research import scaling, scaling_report, sweep
 
   plan = sweep.load_sweep(args.sweep)
   if args.action == "sweep":
@@ -157,8 +159,9 @@ def _eval(args) -> int:
   import absl.logging
   import tensorflow_datasets as tfds
 
-  from qsparse_jax import evaluation, inference
+  from qsparse_jax import inference
   from qsparse_jax.config import apply_overrides
+  from qsparse_jax.inference import evaluation
 
   absl.logging.set_verbosity(absl.logging.FATAL)
   tfds.disable_progress_bar()

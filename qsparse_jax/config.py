@@ -15,47 +15,12 @@ import types
 import typing
 from typing import Any, Literal
 
-from qsparse_jax.model import ModelConfig
-from qsparse_jax.sharding import MeshConfig
+from qsparse_jax.data.config import DataConfig
+from qsparse_jax.nn.model import ModelConfig
+from qsparse_jax.parallel.sharding import MeshConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Where the text comes from and how it becomes token sequences.
-
-  format: "text" (documents for language-model pretraining, packed by concatenation) or "instructions" (instruction
-    records for supervised fine-tuning: loss on response tokens only, conversations packed without attention
-    across them; qsparse_jax.sft_data).
-  source: "python_stdlib" (the source files of Python's standard library on this machine: a code corpus every
-    Python installation has; with format "instructions", its documented functions as instruction/response pairs),
-    "files" (text files or folders in `paths`; JSONL files of instruction records with format "instructions"), or
-    "tfds" (a TFDS dataset by name).
-  """
-
-  format: Literal["text", "instructions"] = "text"
-
-  source: Literal["python_stdlib", "files", "tfds"] = "python_stdlib"
-  paths: tuple[str, ...] = ()
-  tfds_name: str = "tiny_shakespeare"
-  tfds_text_key: str = "text"
-  data_dir: str = "~/.cache/qsparse_jax/tfds"  # where built datasets are cached
-  validation_fraction: float = 0.05
-  tokenizer: str = "byte"  # "byte", "sentencepiece:/path/model.model" or "hf:/path/tokenizer.json"
-  seq_len: int = 256
-  shuffle_seed: int = 0
-  chat_template: str = "chatml"  # format "instructions": qsparse_jax.chat.TEMPLATES ("chatml", "mistral", "plain")
-
-  def __post_init__(self):
-    if not 0.0 < self.validation_fraction < 1.0:
-      raise ValueError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}")
-    if self.seq_len < 2:
-      raise ValueError(f"data.seq_len must be at least 2, got {self.seq_len}")
-    if self.format not in ("text", "instructions"):
-      raise ValueError(f"data.format must be 'text' or 'instructions', got {self.format!r}")
-    if self.chat_template not in ("chatml", "mistral", "plain"):
-      raise ValueError(f"data.chat_template must be 'chatml', 'mistral' or 'plain', got {self.chat_template!r}")
-    if self.source == "files" and not self.paths:
-      raise ValueError("data.paths must name at least one text file or folder when data.source='files'")
+__all__ = ["Config", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfig", "apply_overrides", "config_from_json",
+           "load_preset", "paper_pretraining", "preset_value"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +47,7 @@ class TrainConfig:
   sample_tokens: int = 200
   sample_prompt: str = "def "
   progress: bool = True
-  # Start from pretrained weights (continued training, qsparse_jax.init_from): "hf:DIR" for a Hugging Face model,
+  # Start from pretrained weights (continued training, qsparse_jax.training.init_from): "hf:DIR" for a Hugging Face model,
   # or a run directory of qsparse train; "" initializes at random. A run that has its own checkpoint resumes it.
   init_from: str = ""
 

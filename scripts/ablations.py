@@ -8,7 +8,7 @@
 
 Every run is the sweep's middle model (configs/scaling_sweep.py, d128: 0.59M non-embedding parameters) trained on the
 same text for the same steps, in segments: after each, the script measures the validation loss, the sparsity each
-projection's input has (qsparse_jax.evaluation) and the gradient norm of every projection on a fixed batch. Runs
+projection's input has (qsparse_jax.inference.evaluation) and the gradient norm of every projection on a fixed batch. Runs
 and measurements already on disk are not redone.
 
     python scripts/ablations.py [--out runs/ablations] [--plots docs/] [--steps 400 --segment 100]
@@ -27,10 +27,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qsparse_jax import data as data_lib
-from qsparse_jax import evaluation, inference
-from qsparse_jax.sweep import load_sweep
-from qsparse_jax.train import lm_loss, train
+from qsparse_jax.data.text import lm_batches, text_source
+from qsparse_jax.data.tokenizers import make_tokenizer
+from qsparse_jax import inference
+from qsparse_jax.inference import evaluation
+from qsparse_jax.research.sweep import load_sweep
+from qsparse_jax.training.loop import train
+from qsparse_jax.training.step import lm_loss
 
 RUNS = {  # name -> ModelConfig changes from the dense base
     "dense": {},
@@ -84,9 +87,9 @@ def run(base, name, out, steps, segment, log) -> list[dict]:
   rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
   if rows and rows[-1]["step"] >= steps:
     return rows  # measured already: no batches to build
-  tokenizer = data_lib.make_tokenizer(config.data.tokenizer)
+  tokenizer = make_tokenizer(config.data.tokenizer)
   batches = evaluation.validation_batches(config, tokenizer, num_batches=4, batch_size=config.train.batch_size)
-  grad_batch = next(iter(data_lib.lm_batches(data_lib.text_source(config.data, "train"), tokenizer,
+  grad_batch = next(iter(lm_batches(text_source(config.data, "train"), tokenizer,
                                              seq_len=config.data.seq_len, batch_size=config.train.batch_size,
                                              seed=1234)))["tokens"]
   while not rows or rows[-1]["step"] < steps:

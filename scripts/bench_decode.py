@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qsparse_jax.decode import SamplingConfig, generate
-from qsparse_jax.model import ModelConfig, Transformer, count_params
+from qsparse_jax.inference.decode import SamplingConfig, generate
+from qsparse_jax.nn.model import ModelConfig, Transformer, count_params
 
 MODELS = {
     "wide": ModelConfig(vocab_size=257, d_model=2048, num_layers=2, num_heads=32, d_ff=5632, max_seq_len=512),

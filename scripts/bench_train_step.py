@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsparse_jax.config import TrainConfig
-from qsparse_jax.model import ModelConfig, count_params
-from qsparse_jax.train import init_train_state, make_optimizer, make_train_step
+from qsparse_jax.nn.model import ModelConfig, count_params
+from qsparse_jax.training.optimizer import make_optimizer
+from qsparse_jax.training.step import init_train_state, make_train_step
 
 
 def main():

@@ -30,7 +30,7 @@ def main():
   import tensorflow_datasets as tfds
 
   from qsparse_jax.config import apply_overrides, load_preset
-  from qsparse_jax.train import train
+  from qsparse_jax.training.loop import train
 
   absl.logging.set_verbosity(absl.logging.ERROR)
   tfds.disable_progress_bar()

@@ -21,9 +21,10 @@ import pathlib
 
 from flax import nnx
 
-from qsparse_jax import evaluation, inference
+from qsparse_jax import inference
+from qsparse_jax.inference import evaluation
 from qsparse_jax.config import load_preset
-from qsparse_jax.model import Transformer
+from qsparse_jax.nn.model import Transformer
 
 
 def val_losses(run_dir: pathlib.Path) -> dict[int, float]:

@@ -26,9 +26,9 @@ from flax import nnx
 
 from qsparse_jax import inference
 from qsparse_jax.config import load_preset
-from qsparse_jax.inputs import make_inputs
-from qsparse_jax.model import Transformer
-from qsparse_jax.train import response_loss
+from qsparse_jax.data.inputs import make_inputs
+from qsparse_jax.nn.model import Transformer
+from qsparse_jax.training.step import response_loss
 
 
 def val_losses(run_dir: pathlib.Path) -> dict[int, float]:

@@ -1,10 +1,10 @@
-"""Instruction records, chat templates and response-only loss masks (qsparse_jax.chat)."""
+"""Instruction records, chat templates and response-only loss masks (qsparse_jax.data.chat)."""
 
 import numpy as np
 import pytest
 
-from qsparse_jax import chat
-from qsparse_jax.data import ByteTokenizer
+from qsparse_jax.data import chat
+from qsparse_jax.data.tokenizers import ByteTokenizer
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},

@@ -12,10 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from qsparse_jax.checkpoint import Checkpointer
+from qsparse_jax.training.checkpoint import Checkpointer
 from qsparse_jax.config import load_preset
-from qsparse_jax.sharding import MeshConfig
-from qsparse_jax.train import init_train_state, make_optimizer, train
+from qsparse_jax.parallel.sharding import MeshConfig
+from qsparse_jax.training.loop import train
+from qsparse_jax.training.optimizer import make_optimizer
+from qsparse_jax.training.step import init_train_state
 
 
 def write_preset(tmp_path, steps=6):
@@ -26,7 +28,7 @@ def write_preset(tmp_path, steps=6):
   preset = tmp_path / "small.py"
   preset.write_text(textwrap.dedent(f"""
       from qsparse_jax.config import Config, DataConfig, TrainConfig
-      from qsparse_jax.model import ModelConfig
+      from qsparse_jax.nn.model import ModelConfig
       config = Config(
           model=ModelConfig(vocab_size=257, d_model=32, num_layers=1, num_heads=2, d_ff=64).with_sparsity(0.3),
           data=DataConfig(source="files", paths=({str(corpus)!r},), data_dir={str(tmp_path / "tfds")!r},
@@ -99,7 +101,8 @@ def trained_run(tmp_path_factory):
 
 
 def test_generate_streams_and_matches_the_library(trained_run):
-  from qsparse_jax import decode, inference
+  from qsparse_jax import inference
+  from qsparse_jax.inference import decode
 
   run_dir = trained_run
   result = run_cli("generate", "--checkpoint", str(run_dir), "--prompt", "all the", "--max-new-tokens", "6",
@@ -138,7 +141,8 @@ def test_generate_bad_input_is_one_error_line(trained_run, tmp_path):
 
 
 def test_eval_prints_table_2_and_json_equal_to_the_library(trained_run, tmp_path):
-  from qsparse_jax import evaluation, inference
+  from qsparse_jax import inference
+  from qsparse_jax.inference import evaluation
 
   out = tmp_path / "eval.json"
   result = run_cli("eval", "--checkpoint", str(trained_run), "--batches", "2", "--batch-size", "2", "--json",

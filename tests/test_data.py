@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from qsparse_jax import data
+from qsparse_jax.data.text import lm_batches, split_text, text_source
+from qsparse_jax.data.tokenizers import ByteTokenizer, make_tokenizer
 from qsparse_jax.config import DataConfig
 
 
@@ -22,12 +23,12 @@ def corpus(tmp_path_factory):
 
 def sources(root, tmp_path, chunk=None):
   cfg = DataConfig(source="files", paths=(str(root),), data_dir=str(tmp_path), validation_fraction=0.1)
-  return data.text_source(cfg, "train"), data.text_source(cfg, "validation")
+  return text_source(cfg, "train"), text_source(cfg, "validation")
 
 
 def test_split_text_cuts_at_a_line_boundary():
   text = "one\ntwo\nthree\nfour\n"
-  train, val = data.split_text(text, 0.3)
+  train, val = split_text(text, 0.3)
   assert train + val == text and train.endswith("\n") and val == "four\n"
 
 
@@ -37,7 +38,7 @@ def test_builder_splits_every_file_into_train_and_validation(corpus, tmp_path):
   train_text = "".join(r["text"].decode() for r in (train[i] for i in range(len(train))))
   val_text = "".join(r["text"].decode() for r in (val[i] for i in range(len(val))))
   for text in texts.values():  # each file's head is in train, its tail in validation, nothing lost or shared
-    head, tail = data.split_text(text, 0.1)
+    head, tail = split_text(text, 0.1)
     assert head in train_text and tail in val_text and tail not in train_text
   assert len(train_text) + len(val_text) == sum(map(len, texts.values()))
 
@@ -51,8 +52,8 @@ def packed_stream(source, tokenizer):
 def test_batches_are_consecutive_windows_of_the_packed_stream(corpus, tmp_path):
   root, _ = corpus
   train, _ = sources(root, tmp_path)
-  tok = data.ByteTokenizer()
-  batches = iter(data.lm_batches(train, tok, seq_len=63, batch_size=4, seed=0, shuffle=False, repeat=False))
+  tok = ByteTokenizer()
+  batches = iter(lm_batches(train, tok, seq_len=63, batch_size=4, seed=0, shuffle=False, repeat=False))
   rows = np.concatenate([next(batches)["tokens"] for _ in range(5)])
   assert rows.shape == (20, 64) and rows.dtype == np.int32
   np.testing.assert_array_equal(rows.reshape(-1), packed_stream(train, tok)[: 20 * 64])
@@ -61,7 +62,7 @@ def test_batches_are_consecutive_windows_of_the_packed_stream(corpus, tmp_path):
 def test_iterator_state_resumes_exactly(corpus, tmp_path):
   root, _ = corpus
   train, _ = sources(root, tmp_path)
-  ds = data.lm_batches(train, data.ByteTokenizer(), seq_len=31, batch_size=3, seed=7)
+  ds = lm_batches(train, ByteTokenizer(), seq_len=31, batch_size=3, seed=7)
   it = iter(ds)
   for _ in range(4):
     next(it)
@@ -76,9 +77,9 @@ def test_iterator_state_resumes_exactly(corpus, tmp_path):
 def test_process_shards_read_their_own_documents(corpus, tmp_path):
   root, _ = corpus
   train, _ = sources(root, tmp_path)
-  tok = data.ByteTokenizer()
+  tok = ByteTokenizer()
   for index in range(2):
-    ds = data.lm_batches(train, tok, seq_len=15, batch_size=1, seed=0, shuffle=False, repeat=False,
+    ds = lm_batches(train, tok, seq_len=15, batch_size=1, seed=0, shuffle=False, repeat=False,
                          process_index=index, process_count=2)
     stream = np.concatenate([b["tokens"].reshape(-1) for b in ds])
     own = np.concatenate([packed_stream([train[i] for i in range(index, len(train), 2)], tok)])
@@ -89,7 +90,7 @@ def test_process_shards_read_their_own_documents(corpus, tmp_path):
 
 
 def test_byte_tokenizer_round_trip():
-  tok = data.ByteTokenizer()
+  tok = ByteTokenizer()
   text = "def f(x):\n    return 'é' * x\n"
   assert tok.decode(tok.encode(text)) == text and max(tok.encode(text)) < 256
 
@@ -106,14 +107,14 @@ def test_bad_data_paths(tmp_path, cfg, error, match):
   (tmp_path / "empty").mkdir()
   (tmp_path / "blank.txt").write_text("")
   with pytest.raises(error, match=match):
-    data.text_source(cfg(tmp_path), "train")
+    text_source(cfg(tmp_path), "train")
 
 
 def test_bad_tokenizer_spec(tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer file"):
-    data.make_tokenizer(f"sentencepiece:{tmp_path}/none.model")
+    make_tokenizer(f"sentencepiece:{tmp_path}/none.model")
   with pytest.raises(ValueError, match="data.tokenizer must be"):
-    data.make_tokenizer("wordpiece")
+    make_tokenizer("wordpiece")
 
 
 def _train_tokenizer_files(tmp_path, text):
@@ -138,9 +139,9 @@ def test_sentencepiece_and_hf_tokenizers_feed_the_pipeline(corpus, tmp_path):
   root, texts = corpus
   train, _ = sources(root, tmp_path)
   for spec in _train_tokenizer_files(tmp_path, texts["doc0.txt"]):
-    tok = data.make_tokenizer(spec)
+    tok = make_tokenizer(spec)
     line = "alpha beta gamma 0-1"
     assert tok.decode(tok.encode(line)).strip() == line
     assert tok.vocab_size < 400 and 0 <= tok.eos_id < tok.vocab_size
-    batch = next(iter(data.lm_batches(train, tok, seq_len=20, batch_size=2, seed=0, shuffle=False)))["tokens"]
+    batch = next(iter(lm_batches(train, tok, seq_len=20, batch_size=2, seed=0, shuffle=False)))["tokens"]
     np.testing.assert_array_equal(batch.reshape(-1), packed_stream(train, tok)[:42])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsparse_jax.data import ByteTokenizer
-from qsparse_jax.decode import SamplingConfig, generate, sample_logits
-from qsparse_jax.model import ModelConfig, Transformer, init_cache
+from qsparse_jax.data.tokenizers import ByteTokenizer
+from qsparse_jax.inference.decode import SamplingConfig, generate, sample_logits
+from qsparse_jax.nn.model import ModelConfig, Transformer, init_cache
 
 CFG = ModelConfig(vocab_size=257, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=128, max_seq_len=48)
 
@@ -121,7 +121,7 @@ def test_bad_requests_are_named():
 @pytest.mark.parametrize("act_bits,sparsity,block,shape", [(8, 0.4, None, (3, 5, 64)), (None, 0.4, None, (4, 64)),
                                                             (8, 0.0, (2, 4), (2, 64))])
 def test_packed_ternary_layer_equals_its_fake_quantized_forward(act_bits, sparsity, block, shape):
-  from qsparse_jax.layers import SparseLinear
+  from qsparse_jax.nn import SparseLinear
 
   layer = SparseLinear(64, 48, sparsity=sparsity, block=block, act_bits=act_bits, ternary_weights=True,
                        use_bias=True, rngs=nnx.Rngs(4))
@@ -143,7 +143,7 @@ def test_packed_ternary_layer_equals_its_fake_quantized_forward(act_bits, sparsi
 
 
 def test_packed_ternary_model_decodes_like_its_uncached_forward():
-  from qsparse_jax.layers import pack_ternary_layers
+  from qsparse_jax.nn import pack_ternary_layers
 
   # Float activations: int8 ones make later sites' magnitudes integer multiples of one scale, whose exact ties
   # float rounding breaks differently in two summation orders; the int8 path is checked layer by layer above.
@@ -161,10 +161,11 @@ def test_packed_ternary_model_decodes_like_its_uncached_forward():
 
 def test_loading_a_ternary_checkpoint_packs_its_weights(tmp_path):
   from qsparse_jax import inference
-  from qsparse_jax.checkpoint import Checkpointer, meta_json
+  from qsparse_jax.training.checkpoint import Checkpointer, meta_json
   from qsparse_jax.config import Config
-  from qsparse_jax.layers import pack_ternary_layers
-  from qsparse_jax.train import init_train_state, make_optimizer
+  from qsparse_jax.nn import pack_ternary_layers
+  from qsparse_jax.training.optimizer import make_optimizer
+  from qsparse_jax.training.step import init_train_state
 
   config = Config(model=dataclasses.replace(CFG, ternary_weights=True, act_bits=8).with_sparsity(0.4))
   tx = make_optimizer(config.train)

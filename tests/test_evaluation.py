@@ -1,4 +1,4 @@
-"""qsparse_jax.evaluation: measured sparsity, activated parameters and loss against computations made here."""
+"""qsparse_jax.inference.evaluation: measured sparsity, activated parameters and loss against computations made here."""
 
 import dataclasses
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsparse_jax.evaluation import PROJECTION_TYPES, evaluate
-from qsparse_jax.model import ModelConfig, Transformer, activated_params_per_token
-from qsparse_jax.sparsity import keep_count
-from qsparse_jax.train import lm_loss
+from qsparse_jax.inference.evaluation import PROJECTION_TYPES, evaluate
+from qsparse_jax.nn.model import ModelConfig, Transformer, activated_params_per_token
+from qsparse_jax.ops.sparsity import keep_count
+from qsparse_jax.training.step import lm_loss
 
 BASE = ModelConfig(vocab_size=257, d_model=64, num_layers=2, num_heads=4, d_ff=96, max_seq_len=64)
 

@@ -15,8 +15,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from qsparse_jax import hf  # noqa: E402
 from qsparse_jax.hf import safetensors_io  # noqa: E402
-from qsparse_jax.model import Transformer  # noqa: E402
-from qsparse_jax.sharding import MeshConfig, make_mesh  # noqa: E402
+from qsparse_jax.nn.model import Transformer  # noqa: E402
+from qsparse_jax.parallel.sharding import MeshConfig, make_mesh  # noqa: E402
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=128)
@@ -166,7 +166,7 @@ def test_bad_checkpoints_are_named_and_leave_nothing_behind(tmp_path, monkeypatc
 
 
 def test_init_from_a_hugging_face_model_checks_the_config(tmp_path):
-  from qsparse_jax.init_from import load_initial_params
+  from qsparse_jax.training.init_from import load_initial_params
 
   make_hf_model("qwen2", tmp_path / "hf")
   cfg, whole = hf.load_pretrained(tmp_path / "hf")
@@ -184,10 +184,11 @@ def test_export_command_writes_what_transformers_runs(tmp_path):
   import subprocess
   import sys
 
-  from qsparse_jax.checkpoint import Checkpointer, meta_json
+  from qsparse_jax.training.checkpoint import Checkpointer, meta_json
   from qsparse_jax.config import Config
-  from qsparse_jax.model import ModelConfig
-  from qsparse_jax.train import init_train_state, make_optimizer
+  from qsparse_jax.nn.model import ModelConfig
+  from qsparse_jax.training.optimizer import make_optimizer
+  from qsparse_jax.training.step import init_train_state
 
   model_cfg = ModelConfig(vocab_size=257, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=112,
                           activation="silu", tie_embeddings=False).with_sparsity(0.3)

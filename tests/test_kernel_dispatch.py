@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsparse_jax.model import ModelConfig, Transformer
+from qsparse_jax.nn.model import ModelConfig, Transformer
 
 BASE = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, d_ff=64, max_seq_len=8)
 

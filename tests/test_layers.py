@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import qsparse_jax as qs
-from qsparse_jax.layers import Attention, GLUFeedForward, RMSNorm, SparseLinear
+from qsparse_jax.nn import Attention, GLUFeedForward, RMSNorm, SparseLinear
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

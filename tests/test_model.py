@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from qsparse_jax.config import load_preset
-from qsparse_jax.model import ModelConfig, Transformer, activated_params_per_token, count_params
+from qsparse_jax.nn.model import ModelConfig, Transformer, activated_params_per_token, count_params
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

@@ -17,11 +17,14 @@ import textwrap
 import jax
 import numpy as np
 
-from qsparse_jax import data as data_lib
-from qsparse_jax import distributed, sharding
-from qsparse_jax.checkpoint import Checkpointer
+from qsparse_jax.data.text import lm_batches, text_source
+from qsparse_jax.data.tokenizers import make_tokenizer
+from qsparse_jax.parallel import distributed, sharding
+from qsparse_jax.training.checkpoint import Checkpointer
 from qsparse_jax.config import load_preset
-from qsparse_jax.train import init_train_state, make_optimizer, make_train_step, train
+from qsparse_jax.training.loop import train
+from qsparse_jax.training.optimizer import make_optimizer
+from qsparse_jax.training.step import init_train_state, make_train_step
 
 STEPS = 4
 LAUNCHER = pathlib.Path(__file__).parents[1] / "scripts" / "launch_gpu_hosts.py"
@@ -37,8 +40,8 @@ def write_preset(tmp_path):
   preset = tmp_path / "two_hosts.py"
   preset.write_text(textwrap.dedent(f"""
       from qsparse_jax.config import Config, DataConfig, TrainConfig
-      from qsparse_jax.model import ModelConfig
-      from qsparse_jax.sharding import MeshConfig
+      from qsparse_jax.nn.model import ModelConfig
+      from qsparse_jax.parallel.sharding import MeshConfig
       config = Config(
           model=ModelConfig(vocab_size=257, d_model=32, num_layers=2, num_heads=2, d_ff=64).with_sparsity(0.3),
           data=DataConfig(source="files", paths=({str(corpus)!r},), data_dir={str(tmp_path / "tfds")!r},
@@ -55,9 +58,9 @@ def reference_run(config):
   """Losses and final state of the same run in this one process (8 devices, the same mesh and global batches)."""
   mc, dc, tc = config.model, config.data, config.train
   mesh = sharding.make_mesh(config.mesh)
-  source = data_lib.text_source(dc, "train")  # also builds the TFDS dataset the two processes will read
-  tokenizer = data_lib.make_tokenizer(dc.tokenizer)
-  shards = [iter(data_lib.lm_batches(source, tokenizer, seq_len=dc.seq_len, batch_size=tc.batch_size // 2,
+  source = text_source(dc, "train")  # also builds the TFDS dataset the two processes will read
+  tokenizer = make_tokenizer(dc.tokenizer)
+  shards = [iter(lm_batches(source, tokenizer, seq_len=dc.seq_len, batch_size=tc.batch_size // 2,
                                      seed=dc.shuffle_seed, process_index=i, process_count=2)) for i in range(2)]
   tx = make_optimizer(tc)
   graphdef, state = init_train_state(mc, tx, tc.seed, mesh)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qsparse_jax import scaling
+from qsparse_jax.research import scaling
 
 TRUE = scaling.ScalingLaw(E=1.9, B=0.05, C=2.5, beta=0.08, alpha=0.15)  # paper-like, with an interior optimum
 SMALL_GRID = {"e": (0.5,), "b": (-2.0, 0.0), "c": (0.0, 1.0), "beta": (0.0,), "alpha": (0.1, 0.3)}  # 8 starts

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsparse_jax import chat, sft_data
+from qsparse_jax.data import chat, instructions
 from qsparse_jax.config import Config, DataConfig, TrainConfig
-from qsparse_jax.data import ByteTokenizer
-from qsparse_jax.model import ModelConfig, Transformer
-from qsparse_jax.sharding import MeshConfig
-from qsparse_jax.train import response_loss, train
+from qsparse_jax.data.tokenizers import ByteTokenizer
+from qsparse_jax.nn.model import ModelConfig, Transformer
+from qsparse_jax.parallel.sharding import MeshConfig
+from qsparse_jax.training.loop import train
+from qsparse_jax.training.step import response_loss
 
 WORDS = ["alpha", "beta", "gamma", "delta", "sum", "list", "sort", "value"]
 
@@ -50,7 +51,7 @@ def jsonl_dir(tmp_path_factory):
 def sources(jsonl_dir, tmp_path_factory):
   cfg = DataConfig(source="files", paths=(str(jsonl_dir[0]),), format="instructions", validation_fraction=0.2,
                    data_dir=str(tmp_path_factory.mktemp("tfds")))
-  return sft_data.instruction_source(cfg, "train"), sft_data.instruction_source(cfg, "validation")
+  return instructions.instruction_source(cfg, "train"), instructions.instruction_source(cfg, "validation")
 
 
 def stored(source):
@@ -70,10 +71,10 @@ def test_a_bad_jsonl_line_is_named(tmp_path):
   cfg = DataConfig(source="files", paths=(str(tmp_path / "data.jsonl"),), format="instructions",
                    data_dir=str(tmp_path / "tfds"))
   with pytest.raises(chat.RecordError, match=r"data.jsonl:2: an instruction record has keys \['text'\]"):
-    sft_data.instruction_source(cfg, "train")
+    instructions.instruction_source(cfg, "train")
   (tmp_path / "data.jsonl").write_text('{"prompt": "Q", "response": "A"}\n{"prompt": \n')
   with pytest.raises(chat.RecordError, match=r"data.jsonl:2 is not valid JSON"):
-    sft_data.instruction_source(cfg, "train")
+    instructions.instruction_source(cfg, "train")
   assert not list((tmp_path / "tfds").rglob("*.array_record*"))  # nothing half-built is left to be reused
 
 
@@ -98,7 +99,7 @@ def test_packing_keeps_each_conversation_whole_and_in_its_own_segment(sources):
     ids, mask = chat.encode(messages, template, tok)
     if mask[:256].any():  # rows of 256 tokens: long ones are cut, those left without a response token dropped
       want[ids[:256].tobytes()] = (ids[:256], mask[:256])
-  batches = list(sft_data.sft_batches(train, tok, template, seq_len=255, batch_size=1, seed=0, shuffle=False,
+  batches = list(instructions.sft_batches(train, tok, template, seq_len=255, batch_size=1, seed=0, shuffle=False,
                                       repeat=False))  # one row per batch: no partial batch is dropped
   assert all(b["tokens"].shape == (1, 256) and b["tokens"].dtype == np.int32 for b in batches)
   seen = []
@@ -116,7 +117,7 @@ def test_packing_keeps_each_conversation_whole_and_in_its_own_segment(sources):
 
 def test_iterator_state_resumes_exactly(sources):
   train, _ = sources
-  ds = sft_data.sft_batches(train, ByteTokenizer(), chat.TEMPLATES["plain"], seq_len=63, batch_size=2, seed=3)
+  ds = instructions.sft_batches(train, ByteTokenizer(), chat.TEMPLATES["plain"], seq_len=63, batch_size=2, seed=3)
   it = iter(ds)
   for _ in range(3):
     next(it)
@@ -136,7 +137,7 @@ def model_and_batch(sources):
   cfg = ModelConfig(vocab_size=257, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=256,
                     activation="silu").with_sparsity(0.3)
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(1)))
-  batch = next(iter(sft_data.sft_batches(train, ByteTokenizer(), chat.TEMPLATES["chatml"], seq_len=255,
+  batch = next(iter(instructions.sft_batches(train, ByteTokenizer(), chat.TEMPLATES["chatml"], seq_len=255,
                                          batch_size=4, seed=0)))
   forward = jax.jit(lambda p, *args: nnx.merge(graphdef, p)(*map(jnp.asarray, args)))
   packed_logits = np.asarray(forward(params, batch["tokens"], batch["positions"], batch["segment_ids"]))
@@ -170,7 +171,7 @@ def test_response_loss_counts_response_tokens_of_the_same_conversation_only(mode
 
 
 def test_standard_library_instructions_are_real_functions():
-  records = list(itertools.islice(sft_data.python_stdlib_instructions(), 300))  # the first modules' functions
+  records = list(itertools.islice(instructions.python_stdlib_instructions(), 300))  # the first modules' functions
   assert len(records) == 300
   for key, record in records:
     fn = ast.parse(record["response"]).body[0]
@@ -193,7 +194,8 @@ def sft_config(tmp_path, jsonl_root, **train_kwargs) -> Config:
 
 
 def test_fine_tuning_through_the_loop(jsonl_dir, tmp_path, capsys):
-  from qsparse_jax.train import init_train_state, make_optimizer
+  from qsparse_jax.training.optimizer import make_optimizer
+  from qsparse_jax.training.step import init_train_state
 
   cfg = sft_config(tmp_path, jsonl_dir[0])
   logs = []
@@ -203,7 +205,7 @@ def test_fine_tuning_through_the_loop(jsonl_dir, tmp_path, capsys):
   loss = {m["step"]: m["loss"] for m in metrics if "loss" in m}
   # The first step's loss is the response loss of the initial weights on the first packed batch (computed here).
   dc = cfg.data
-  first = next(iter(sft_data.sft_batches(sft_data.instruction_source(dc, "train"), ByteTokenizer(),
+  first = next(iter(instructions.sft_batches(instructions.instruction_source(dc, "train"), ByteTokenizer(),
                                          chat.TEMPLATES["chatml"], seq_len=dc.seq_len, batch_size=4,
                                          seed=dc.shuffle_seed)))
   graphdef, state = init_train_state(cfg.model, make_optimizer(cfg.train), seed=cfg.train.seed)
@@ -212,7 +214,8 @@ def test_fine_tuning_through_the_loop(jsonl_dir, tmp_path, capsys):
   assert loss[6] < loss[1] - 0.5  # lr 1e-2 on a few hundred answer tokens: the response loss falls fast
   assert np.isfinite(final["val_loss"])
   # `qsparse generate --chat` asks in the run's template and stops at its end of turn.
-  from qsparse_jax import cli, decode, inference
+  from qsparse_jax import cli, inference
+  from qsparse_jax.inference import decode
 
   capsys.readouterr()
   assert cli.main(["generate", "--checkpoint", str(tmp_path / "sft"), "--chat", "--prompt", "sort alpha",

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsparse_jax import sharding
+from qsparse_jax.parallel import sharding
 from qsparse_jax.config import TrainConfig
-from qsparse_jax.model import ModelConfig
-from qsparse_jax.train import init_train_state, lm_loss, make_optimizer, make_train_step
+from qsparse_jax.nn.model import ModelConfig
+from qsparse_jax.training.optimizer import make_optimizer
+from qsparse_jax.training.step import init_train_state, lm_loss, make_train_step
 
 CFG = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=128,
                   max_seq_len=16).with_sparsity(0.3)
@@ -67,7 +68,7 @@ def _abstract_on(state, tx, mesh):
 
 
 def test_checkpoint_restores_onto_other_meshes(tmp_path):
-  from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError
+  from qsparse_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
 
   tx = make_optimizer(TrainConfig(steps=10, warmup_steps=1))
   graphdef, state = init_train_state(CFG, tx, seed=0)

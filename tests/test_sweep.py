@@ -8,8 +8,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from qsparse_jax import cli, scaling, scaling_report, sweep
-from qsparse_jax.model import count_params
+from qsparse_jax import cli
+from qsparse_jax.research import scaling, scaling_report, sweep
+from qsparse_jax.nn.model import count_params
 
 
 def write_sweep(tmp_path, sizes, sparsities, precisions=("full",), steps=2, seeds=(0,)):
@@ -20,8 +21,8 @@ def write_sweep(tmp_path, sizes, sparsities, precisions=("full",), steps=2, seed
   preset = tmp_path / "sweep.py"
   preset.write_text(textwrap.dedent(f"""
       from qsparse_jax.config import Config, DataConfig, TrainConfig
-      from qsparse_jax.model import ModelConfig
-      from qsparse_jax.sweep import Sweep
+      from qsparse_jax.nn.model import ModelConfig
+      from qsparse_jax.research.sweep import Sweep
       sweep = Sweep(
           base=Config(model=ModelConfig(vocab_size=257, max_seq_len=16),
                       data=DataConfig(source="files", paths=({str(corpus)!r},), seq_len=16,

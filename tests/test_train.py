@@ -7,11 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from qsparse_jax.checkpoint import CheckpointMismatchError
+from qsparse_jax.training.checkpoint import CheckpointMismatchError
 from qsparse_jax.config import Config, DataConfig, TrainConfig
-from qsparse_jax.model import ModelConfig
-from qsparse_jax.sharding import MeshConfig
-from qsparse_jax.train import make_schedule, train
+from qsparse_jax.nn.model import ModelConfig
+from qsparse_jax.parallel.sharding import MeshConfig
+from qsparse_jax.training.loop import train
+from qsparse_jax.training.optimizer import make_schedule
 
 
 def small_config(tmp_path, out="run", **train_kwargs) -> Config:
@@ -80,11 +81,12 @@ def test_sequence_longer_than_the_corpus(tmp_path):
 
 def test_continued_training_starts_from_another_runs_weights(tmp_path):
   from qsparse_jax import inference
-  from qsparse_jax.init_from import load_initial_params
-  from qsparse_jax.sharding import make_mesh
+  from qsparse_jax.training.init_from import load_initial_params
+  from qsparse_jax.parallel.sharding import make_mesh
 
-  from qsparse_jax.checkpoint import Checkpointer, meta_json
-  from qsparse_jax.train import init_train_state, make_optimizer
+  from qsparse_jax.training.checkpoint import Checkpointer, meta_json
+  from qsparse_jax.training.optimizer import make_optimizer
+  from qsparse_jax.training.step import init_train_state
 
   base = small_config(tmp_path, out="dense", steps=4)
   dense = dataclasses.replace(base, model=base.model.with_sparsity(0.0))  # a dense run's checkpoint, written here
@@ -106,12 +108,13 @@ def test_continued_training_starts_from_another_runs_weights(tmp_path):
   assert f"parameters from {tmp_path / 'dense'} (the optimizer starts fresh)" in logs
   from flax import nnx
 
-  from qsparse_jax import data as data_lib
-  from qsparse_jax.model import Transformer
-  from qsparse_jax.train import lm_loss
+  from qsparse_jax.data.text import lm_batches, text_source
+  from qsparse_jax.data.tokenizers import make_tokenizer
+  from qsparse_jax.nn.model import Transformer
+  from qsparse_jax.training.step import lm_loss
 
   dc = cont.data
-  first = next(iter(data_lib.lm_batches(data_lib.text_source(dc, "train"), data_lib.make_tokenizer("byte"),
+  first = next(iter(lm_batches(text_source(dc, "train"), make_tokenizer("byte"),
                                         seq_len=dc.seq_len, batch_size=4, seed=dc.shuffle_seed)))["tokens"]
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cont.model, rngs=nnx.Rngs(0))))
   want = float(jax.jit(lm_loss, static_argnums=0)(graphdef, dense_params, first))

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-import qsparse_jax
+from qsparse_jax.ops import block_topk_mask
 from pallas_kernels import dispatch
 from pallas_kernels.nm_matmul.kernel import nm_matmul_pallas
 
@@ -25,7 +25,7 @@ def _tile(size: int, candidates: tuple[int, ...], multiple_of: int = 1) -> int:
 
 
 def _masked(x, n, m):
-  return jnp.where(qsparse_jax.block_topk_mask(x, n, m), x, jnp.zeros_like(x))
+  return jnp.where(block_topk_mask(x, n, m), x, jnp.zeros_like(x))
 
 
 def _forward(x_td, w_dn, n, m, backend):

@@ -16,7 +16,7 @@ from jax import lax
 
 from pallas_kernels import dispatch
 from pallas_kernels.sparse_matvec.kernel import sparse_matvec_pallas
-from qsparse_jax.selection import mask_from_thresholds, row_thresholds
+from qsparse_jax.ops.selection import mask_from_thresholds, row_thresholds
 
 PALLAS_PLATFORMS = ("tpu",)
 

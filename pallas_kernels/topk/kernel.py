@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-EPS = 1e-5  # qsparse_jax.sparsity.EPS
+EPS = 1e-5  # qsparse_jax.ops.sparsity.EPS
 QP = 127.0
 
 

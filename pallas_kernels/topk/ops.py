@@ -1,7 +1,7 @@
 """Public entries: topk_sparsify (differentiable, straight-through) and topk_sparsify_int8 (inference).
 
 Backends (pallas_kernels.dispatch): "pallas" runs kernel.py (Mosaic TPU; interpret mode elsewhere), "xla" the
-library's fast selection (qsparse_jax.selection), which is the CPU's fast path and what GPUs run.
+library's fast selection (qsparse_jax.ops.selection), which is the CPU's fast path and what GPUs run.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-import qsparse_jax
+from qsparse_jax.ops import absmax_quantize, topk_mask
 from pallas_kernels import dispatch
 from pallas_kernels.topk.kernel import topk_pallas
 
@@ -38,7 +38,7 @@ def _rows(x):
 def _forward(x, k, backend):
   impl, interpret = dispatch.resolve(backend, pallas_platforms=PALLAS_PLATFORMS)
   if impl == "xla":
-    return jnp.where(qsparse_jax.topk_mask(x, k), x, jnp.zeros_like(x))
+    return jnp.where(topk_mask(x, k), x, jnp.zeros_like(x))
   x_td, restore = _rows(x)
   return restore(topk_pallas(x_td, k=k, bt=ROW_BLOCK, interpret=interpret))
 
@@ -82,8 +82,8 @@ def topk_sparsify_int8(x: jax.Array, k: int, *, backend: str = "auto") -> tuple[
   _check(x, k)
   impl, interpret = dispatch.resolve(backend, pallas_platforms=PALLAS_PLATFORMS)
   if impl == "xla":
-    codes, scale = qsparse_jax.absmax_quantize(x, 8)
-    return jnp.where(qsparse_jax.topk_mask(x, k), codes, jnp.zeros_like(codes)), scale
+    codes, scale = absmax_quantize(x, 8)
+    return jnp.where(topk_mask(x, k), codes, jnp.zeros_like(codes)), scale
   x_td, restore = _rows(x)
   codes, scale = topk_pallas(x_td, k=k, bt=ROW_BLOCK, int8=True, interpret=interpret)
   return restore(codes), restore(scale)

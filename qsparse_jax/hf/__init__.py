@@ -16,7 +16,7 @@ from flax import nnx
 from qsparse_jax.hf.config import ARCHITECTURES, UnsupportedModelError, from_hf, to_hf
 from qsparse_jax.hf.safetensors_io import SafetensorsError
 from qsparse_jax.hf.weights import load_params, read_config, save_pretrained, tensor_names
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.nn.model import ModelConfig
 
 
 def load_pretrained(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,

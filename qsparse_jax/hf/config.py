@@ -1,6 +1,6 @@
 """Hugging Face config.json <-> ModelConfig for the Llama, Mistral and Qwen2 families.
 
-All three are the same decoder as qsparse_jax.model with SiLU GLU feed-forwards: grouped-query attention
+All three are the same decoder as qsparse_jax.nn.model with SiLU GLU feed-forwards: grouped-query attention
 (num_key_value_heads), RoPE in the rotate-half layout with rope_theta and optional scaling ("linear", "llama3"),
 RMSNorm, optionally tied embeddings; Qwen2 adds biases to q/k/v. An export records the Q-Sparse settings under
 "qsparse" in config.json, so that importing it again restores them (transformers ignores the key and runs the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qsparse_jax.model import ModelConfig
+from qsparse_jax.nn.model import ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # The Q-Sparse fields an export records (method.md §1-§5); everything else comes from the architecture's own keys.

@@ -1,4 +1,4 @@
-"""Hugging Face tensors <-> the parameters of qsparse_jax.model.Transformer.
+"""Hugging Face tensors <-> the parameters of qsparse_jax.nn.model.Transformer.
 
 Names: model.embed_tokens.weight [V, D] is `embed`; lm_head.weight [V, D] is `lm_head` [D, V] (absent when
 tied); model.norm.weight is final_norm.scale; per layer i, model.layers.i.{input_layernorm, post_attention_layernorm}
@@ -22,10 +22,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from qsparse_jax import sharding
+from qsparse_jax.parallel import sharding
 from qsparse_jax.hf import config as hf_config
 from qsparse_jax.hf import safetensors_io
-from qsparse_jax.model import ModelConfig, Transformer
+from qsparse_jax.nn.model import ModelConfig, Transformer
 
 # Tensors some checkpoints carry that the model recomputes (rotary tables of older transformers versions).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -3,7 +3,7 @@ the same text for the same number of tokens, then fitted with scaling.fit.
 
 A sweep preset (configs/scaling_sweep.py) defines `sweep = Sweep(...)`. Every run gets its own directory,
 <out_dir>/<size>-s<sparsity %>-<precision>[-seed<k>]; a run whose final_metrics.json exists is finished and not
-redone, and an interrupted one resumes from its last checkpoint (train.train), so `qsparse scaling sweep` can be
+redone, and an interrupted one resumes from its last checkpoint (qsparse_jax.training.loop.train), so `qsparse scaling sweep` can be
 stopped and started again at any time.
 """
 
@@ -16,7 +16,8 @@ import pathlib
 from typing import Callable, Mapping
 
 from qsparse_jax.config import Config, preset_value
-from qsparse_jax.model import count_params
+from qsparse_jax.nn.model import activated_params_per_token, count_params
+from qsparse_jax.training.loop import train
 
 PRECISIONS = ("full", "ternary")  # float weights, or BitNet b1.58 weights (method.md §4)
 
@@ -92,8 +93,6 @@ def is_finished(run: Run) -> bool:
 
 def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> None:
   """Train every unfinished run of the sweep, in order (resuming an interrupted one)."""
-  from qsparse_jax.train import train  # noqa: PLC0415 (the fit side of this module needs no JAX)
-
   planned = runs(sweep)
   todo = [r for r in planned if not is_finished(r)]
   log(f"sweep: {len(planned) - len(todo)} of {len(planned)} runs finished; {len(todo)} to train")
@@ -106,8 +105,6 @@ def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> None:
 
 def results(sweep: Sweep) -> list[dict]:
   """One row per finished run: name, size, sparsity, precision, seed, non_embedding, activated, val_loss."""
-  from qsparse_jax.model import activated_params_per_token  # noqa: PLC0415
-
   rows = []
   for run in runs(sweep):
     if is_finished(run):

@@ -1,10 +1,6 @@
-"""Training: the jitted Q-Sparse language-model step and the loop around it.
-
-The step is a pure function of a train state {"step", "params", "opt_state"} and a batch of tokens: next-token
-cross-entropy (for supervised fine-tuning, on response tokens only: response_loss), AdamW (β = 0.9, 0.95) with warm-up then cosine or polynomial decay, weight decay on matrices only,
-global-norm clipping (method.md §7). The loop adds periodic evaluation on the held-out split, a progress line
-(step, loss, tokens/s, ETA), metrics as JSONL and TensorBoard events, asynchronous Orbax checkpoints with the data
-iterator's state (so a killed run resumes on the same loss curve), and a text sample at the end.
+"""The training loop around the step: periodic evaluation on the held-out split, a progress line (step, loss,
+tokens/s, ETA), metrics as JSONL and TensorBoard events, asynchronous Orbax checkpoints with the data iterator's
+state (so a killed run resumes on the same loss curve), and a text sample at the end.
 """
 
 from __future__ import annotations
@@ -18,117 +14,19 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
+from tensorboardX import SummaryWriter
 
-from qsparse_jax import chat
-from qsparse_jax import data as data_lib
-from qsparse_jax import init_from as init_lib
-from qsparse_jax import sharding
-from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError, meta_json
-from qsparse_jax.config import Config, TrainConfig
-from qsparse_jax.inputs import make_inputs
-from qsparse_jax.model import ModelConfig, Transformer, activated_params_per_token, count_params
-
-# ---------------------------------------------------------------------------------------------- pure functions
-
-
-def make_schedule(tc: TrainConfig) -> optax.Schedule:
-  """Linear warm-up to learning_rate, then cosine or polynomial (power 1) decay to end_learning_rate."""
-  warmup_steps = min(tc.warmup_steps, tc.steps)  # a short run of a preset keeps its shape
-  decay_steps = max(1, tc.steps - warmup_steps)
-  if tc.decay == "cosine":
-    decay = optax.cosine_decay_schedule(tc.learning_rate, decay_steps, alpha=tc.end_learning_rate / tc.learning_rate)
-  elif tc.decay == "polynomial":
-    decay = optax.polynomial_schedule(tc.learning_rate, tc.end_learning_rate, power=1.0, transition_steps=decay_steps)
-  else:
-    raise ValueError(f"train.decay must be 'cosine' or 'polynomial', got {tc.decay!r}")
-  warmup = optax.linear_schedule(0.0, tc.learning_rate, max(1, warmup_steps))
-  return optax.join_schedules([warmup, decay], [warmup_steps])
-
-
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW; weight decay applies to matrices (ndim >= 2), not to norm scales."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-  return optax.chain(
-      optax.clip_by_global_norm(tc.clip_norm),
-      optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
-  )
-
-
-def init_model(cfg: ModelConfig, seed: int):
-  """(graphdef, params) of a freshly initialised Transformer."""
-  return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
-
-
-def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh | None = None):
-  """(graphdef, state) with state = {"step", "params", "opt_state"}.
-
-  With a mesh, every array is created already sharded (one jitted initialisation with out_shardings): no host
-  ever holds the whole model.
-  """
-  def init():
-    _, params = init_model(cfg, seed)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
-  if mesh is None:
-    return graphdef, init()
-  shardings = sharding.train_state_shardings(jax.eval_shape(init), tx, mesh)
-  return graphdef, jax.jit(init, out_shardings=shardings)()
-
-
-def lm_loss(graphdef, params, tokens_bt: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy (nats/token) of tokens [B, T+1]: inputs [:, :-1], targets [:, 1:]."""
-  logits_btv = nnx.merge(graphdef, params)(tokens_bt[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:]).mean()
-
-
-def response_loss(graphdef, params, batch: dict[str, jax.Array]) -> jax.Array:
-  """Mean next-token cross-entropy over response tokens only, of packed instruction rows (sft_data.sft_batches:
-  "tokens", "loss_mask", "segment_ids", "positions", each [B, T+1]).
-
-  Each conversation of a row sees only itself (segment ids in the attention mask, positions restarting at 0); a
-  target counts when its loss mask is 1 and it belongs to the same conversation as its input token.
-  """
-  tokens_bt, segments_bt = batch["tokens"], batch["segment_ids"]
-  logits_btv = nnx.merge(graphdef, params)(tokens_bt[:, :-1], batch["positions"][:, :-1], segments_bt[:, :-1])
-  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:])
-  counted_bt = (batch["loss_mask"][:, 1:] > 0) & (segments_bt[:, 1:] == segments_bt[:, :-1]) & (segments_bt[:, 1:] > 0)
-  return jnp.sum(jnp.where(counted_bt, nll_bt, 0.0)) / jnp.maximum(jnp.sum(counted_bt), 1)
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh | None = None,
-                    state_shardings=None, loss_fn: Callable = lm_loss) -> Callable:
-  """train_step(state, batch) -> (state, metrics), jitted with the state donated; batch is what loss_fn takes
-  (lm_loss: tokens [B, T+1]; response_loss: a dict of [B, T+1] arrays).
-
-  With a mesh (and the state's shardings), the step is compiled for it: state in and out keep their shardings,
-  the batch is split over (data, fsdp), metrics are replicated.
-  """
-
-  def train_step(state, batch):
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch))(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-  if mesh is None:
-    return jax.jit(train_step, donate_argnums=0)
-  return sharding.jit_on_mesh(train_step, mesh, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                              out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-
-
-def make_eval_step(graphdef, mesh: Mesh | None = None, param_shardings=None, loss_fn: Callable = lm_loss
-                   ) -> Callable:
-  """eval_step(params, batch) -> mean loss (loss_fn: lm_loss or response_loss)."""
-  loss = lambda params, batch: loss_fn(graphdef, params, batch)  # noqa: E731
-  if mesh is None:
-    return jax.jit(loss)
-  return sharding.jit_on_mesh(loss, mesh, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                              out_shardings=sharding.replicated(mesh))
+from qsparse_jax.config import Config
+from qsparse_jax.data import chat, tokenizers
+from qsparse_jax.data.inputs import make_inputs
+from qsparse_jax.nn.model import activated_params_per_token, count_params
+from qsparse_jax.parallel import sharding
+from qsparse_jax.training import init_from
+from qsparse_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, meta_json
+from qsparse_jax.training.optimizer import make_optimizer, make_schedule
+from qsparse_jax.training.step import init_train_state, lm_loss, make_eval_step, make_train_step, response_loss
 
 
 def generate(graphdef, params, prompt_ids: list[int], num_tokens: int, *, max_len: int, temperature: float = 0.8,
@@ -155,9 +53,6 @@ def generate(graphdef, params, prompt_ids: list[int], num_tokens: int, *, max_le
     key, sub = jax.random.split(key)
     ids.append(int(jax.random.categorical(sub, logits / temperature)))
   return ids[len(prompt_ids):]
-
-
-# ------------------------------------------------------------------------------------------------------ the loop
 
 
 class _Progress:
@@ -197,28 +92,21 @@ class _Metrics:
       kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
       path.write_text("".join(line + "\n" for line in kept))
     self._jsonl = open(path, "a", encoding="utf-8")
-    try:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-    except ImportError:  # pragma: no cover - tensorboardX is a dependency; this only guards odd installs
-      self._tb = None
+    self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
   def write(self, step: int, values: dict[str, float]):
     if not self.enabled:
       return
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
     self._jsonl.flush()
-    if self._tb is not None:
-      for name, value in values.items():
-        self._tb.add_scalar(name, value, step)
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
 
   def close(self):
     if not self.enabled:
       return
     self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    self._tb.close()
 
 
 def _check_resumable(meta: dict, config: Config, run_dir: pathlib.Path) -> None:
@@ -249,7 +137,7 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
     log = lambda _: None  # noqa: E731
   run_dir = pathlib.Path(tc.out_dir).expanduser()
   run_dir.mkdir(parents=True, exist_ok=True)
-  tokenizer = data_lib.make_tokenizer(dc.tokenizer)
+  tokenizer = tokenizers.make_tokenizer(dc.tokenizer)
   if tokenizer.vocab_size > mc.vocab_size:
     raise ValueError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's vocabulary "
                      f"({tokenizer.name}: {tokenizer.vocab_size})")
@@ -278,7 +166,7 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
     if (why := checkpointer.restore_data_iterator(train_iter)) is not None:
       log(f"the data stream restarts from its beginning: {why}")
   elif tc.init_from:
-    params = init_lib.load_initial_params(tc.init_from, mc, mesh, tokenizer=dc.tokenizer)
+    params = init_from.load_initial_params(tc.init_from, mc, mesh, tokenizer=dc.tokenizer)
     state = {**state, "params": jax.device_put(params, state_shardings["params"])}
     log(f"parameters from {tc.init_from} (the optimizer starts fresh)")
 

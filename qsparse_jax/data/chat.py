@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qsparse_jax.data import Tokenizer
+from qsparse_jax.data.tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 RECORD_FORMATS = ("messages", "conversations", "prompt+response", "system_prompt+question+response (OpenOrca)",

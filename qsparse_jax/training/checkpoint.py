@@ -181,3 +181,15 @@ def _check_compatible(stored: dict, expected: dict, where: pathlib.Path) -> None
 def meta_json(config) -> dict:
   """A JSON-able description of a run's config, stored with every checkpoint."""
   return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+  """The checkpoints folder of a run directory (or the folder itself if it holds the numbered checkpoints)."""
+  path = pathlib.Path(path).expanduser()
+  if not path.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+  for candidate in (path / "checkpoints", path):
+    if any(p.name.isdigit() for p in candidate.glob("*") if p.is_dir()):
+      return candidate
+  raise FileNotFoundError(f"no checkpoint in {str(path)!r} (expected a run directory of `qsparse train`, or its "
+                          "checkpoints/ folder)")

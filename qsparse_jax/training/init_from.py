@@ -13,10 +13,12 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from qsparse_jax import hf, sharding
-from qsparse_jax.checkpoint import Checkpointer
+from qsparse_jax import hf
 from qsparse_jax.config import config_from_json
-from qsparse_jax.model import ModelConfig, Transformer
+from qsparse_jax.nn.model import ModelConfig, Transformer
+from qsparse_jax.parallel import sharding
+from qsparse_jax.training.checkpoint import Checkpointer, checkpoint_dir
+from qsparse_jax.training.optimizer import make_optimizer
 
 # Fields that fix the parameters' shapes or the function they compute.
 MODEL_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "kv_heads", "head_size", "d_ff", "activation",
@@ -41,9 +43,6 @@ def load_initial_params(spec: str, cfg: ModelConfig, mesh: Mesh, *, tokenizer: s
     directory = spec[len("hf:"):]
     check_same_model(hf.from_hf(hf.read_config(directory)), cfg, spec)
     return hf.load_params(directory, cfg, mesh)
-  from qsparse_jax.inference import checkpoint_dir  # noqa: PLC0415 (inference imports train, which imports us)
-  from qsparse_jax.train import make_optimizer  # noqa: PLC0415
-
   checkpointer = Checkpointer(checkpoint_dir(spec))
   try:
     stored = config_from_json(checkpointer.read_meta())

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qsparse_jax.model import ModelConfig, init_cache
+from qsparse_jax.nn.model import ModelConfig, init_cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from qsparse_jax.selection import mask_from_thresholds, row_thresholds
+from qsparse_jax.ops.selection import mask_from_thresholds, row_thresholds
 
 GradientMode = Literal["ste", "masked"]
 GRADIENT_MODES = ("ste", "masked")

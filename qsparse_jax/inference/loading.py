@@ -8,12 +8,12 @@ import pathlib
 import jax
 from flax import nnx
 
-from qsparse_jax import data as data_lib
-from qsparse_jax.checkpoint import Checkpointer, CheckpointMismatchError
 from qsparse_jax.config import Config, config_from_json
-from qsparse_jax.layers import pack_ternary_layers
-from qsparse_jax.model import Transformer
-from qsparse_jax.train import make_optimizer
+from qsparse_jax.data import tokenizers
+from qsparse_jax.nn.linear import pack_ternary_layers
+from qsparse_jax.nn.model import Transformer
+from qsparse_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, checkpoint_dir
+from qsparse_jax.training.optimizer import make_optimizer
 
 
 @dataclasses.dataclass
@@ -21,21 +21,9 @@ class LoadedModel:
   config: Config
   graphdef: nnx.GraphDef
   params: nnx.State
-  tokenizer: data_lib.Tokenizer
+  tokenizer: tokenizers.Tokenizer
   step: int
   packed: bool = False  # ternary weights packed to 2 bits (layers.pack_ternary_layers)
-
-
-def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
-  """The checkpoints folder of a run directory (or the folder itself if it holds the numbered checkpoints)."""
-  path = pathlib.Path(path).expanduser()
-  if not path.is_dir():
-    raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
-  for candidate in (path / "checkpoints", path):
-    if any(p.name.isdigit() for p in candidate.glob("*") if p.is_dir()):
-      return candidate
-  raise FileNotFoundError(f"no checkpoint in {str(path)!r} (expected a run directory of `qsparse train`, or its "
-                          "checkpoints/ folder)")
 
 
 def load(path: str | pathlib.Path, *, tokenizer: str | None = None, pack: bool = True) -> LoadedModel:
@@ -51,7 +39,7 @@ def load(path: str | pathlib.Path, *, tokenizer: str | None = None, pack: bool =
     if tokenizer is not None and tokenizer != config.data.tokenizer:
       raise CheckpointMismatchError(f"the checkpoint was trained with tokenizer {config.data.tokenizer!r}, not "
                                     f"{tokenizer!r}; leave the tokenizer out to use the checkpoint's")
-    tok = data_lib.make_tokenizer(config.data.tokenizer)
+    tok = tokenizers.make_tokenizer(config.data.tokenizer)
     if tok.vocab_size > config.model.vocab_size:
       raise CheckpointMismatchError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the model only "
                                     f"{config.model.vocab_size}")

@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from qsparse_jax import scaling
+from qsparse_jax.research import scaling
 
 PAPER_LABEL = {"full": "full precision", "ternary": "1.58-bit"}
 

@@ -1,7 +1,7 @@
 """A run's input by data.format: its training batches, its fixed validation batches and what the loss reads.
 
 "text": documents packed by concatenation (data.lm_batches), each batch tokens [B, T+1] for train.lm_loss.
-"instructions": conversations packed without crossing (sft_data.sft_batches), each batch a dict of [B, T+1] arrays
+"instructions": conversations packed without crossing (instructions.sft_batches), each batch a dict of [B, T+1] arrays
 for train.response_loss.
 """
 
@@ -11,9 +11,9 @@ import dataclasses
 import operator
 from typing import Any, Callable
 
-from qsparse_jax import chat, sft_data
-from qsparse_jax import data as data_lib
-from qsparse_jax.config import DataConfig
+from qsparse_jax.data import chat, instructions, text
+from qsparse_jax.data.config import DataConfig
+from qsparse_jax.data.tokenizers import Tokenizer
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class Inputs:
   summary: str  # for the run's log
 
 
-def make_inputs(dc: DataConfig, tokenizer: data_lib.Tokenizer, *, batch_size: int, eval_batches: int, seed: int,
+def make_inputs(dc: DataConfig, tokenizer: Tokenizer, *, batch_size: int, eval_batches: int, seed: int,
                 process_index: int = 0, process_count: int = 1) -> Inputs:
   """The input of a run for data config dc, with batch_size rows per process (this process's share).
 
@@ -33,19 +33,19 @@ def make_inputs(dc: DataConfig, tokenizer: data_lib.Tokenizer, *, batch_size: in
   shard = dict(process_index=process_index, process_count=process_count)
   if dc.format == "instructions":
     template = chat.get_template(dc.chat_template)
-    sources = {split: sft_data.instruction_source(dc, split) for split in ("train", "validation")}
-    make = lambda split, **kw: sft_data.sft_batches(sources[split], tokenizer, template, seq_len=dc.seq_len,  # noqa
+    sources = {split: instructions.instruction_source(dc, split) for split in ("train", "validation")}
+    make = lambda split, **kw: instructions.sft_batches(sources[split], tokenizer, template, seq_len=dc.seq_len,  # noqa
                                                     batch_size=batch_size, **shard, **kw)
     select = lambda batch: batch  # noqa: E731
     unit = "conversations"
   else:
-    sources = {split: data_lib.text_source(dc, split) for split in ("train", "validation")}
+    sources = {split: text.text_source(dc, split) for split in ("train", "validation")}
     rows_needed = dc.seq_len + 1
     for name, source in sources.items():
-      if data_lib.count_tokens(source, tokenizer, dc.tfds_text_key, limit=rows_needed) <= rows_needed:
+      if text.count_tokens(source, tokenizer, dc.tfds_text_key, limit=rows_needed) <= rows_needed:
         raise ValueError(f"data.seq_len={dc.seq_len} is longer than the whole {name} split of the corpus; "
                          "use a shorter data.seq_len or more text")
-    make = lambda split, **kw: data_lib.lm_batches(sources[split], tokenizer, seq_len=dc.seq_len,  # noqa: E731
+    make = lambda split, **kw: text.lm_batches(sources[split], tokenizer, seq_len=dc.seq_len,  # noqa: E731
                                                    batch_size=batch_size, text_key=dc.tfds_text_key, **shard, **kw)
     select = operator.itemgetter("tokens")
     unit = "documents"

@@ -24,10 +24,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qsparse_jax import data as data_lib
 from qsparse_jax.config import Config
-from qsparse_jax.layers import INPUT_ZEROS
-from qsparse_jax.model import PROJECTION_SITES, ModelConfig, projection_weights, site_keep_fractions
+from qsparse_jax.data import text
+from qsparse_jax.nn.linear import INPUT_ZEROS
+from qsparse_jax.nn.model import PROJECTION_SITES, ModelConfig, projection_weights, site_keep_fractions
 
 # Projection types in the order of the paper's Table 2, and the SparseLinear attributes of each.
 PROJECTION_TYPES = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "out": ("o_proj",), "up": ("up_proj",),
@@ -127,7 +127,7 @@ def validation_batches(config: Config, tokenizer, *, num_batches: int, batch_siz
   if dc.format != "text":
     raise ValueError(f"qsparse eval measures text and this run has data.format={dc.format!r}: pass text data, e.g. "
                      "data.format=text data.source=python_stdlib (or data.source=files data.paths=...)")
-  source = data_lib.text_source(dc, "validation")
-  batches = data_lib.lm_batches(source, tokenizer, seq_len=dc.seq_len, batch_size=batch_size, seed=0,
+  source = text.text_source(dc, "validation")
+  batches = text.lm_batches(source, tokenizer, seq_len=dc.seq_len, batch_size=batch_size, seed=0,
                                 shuffle=False, text_key=dc.tfds_text_key)
   return [np.asarray(b["tokens"]) for _, b in zip(range(num_batches), iter(batches))]

@@ -17,9 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qsparse_jax.layers import Attention, GLUFeedForward, RMSNorm, RopeScaling, logical_axes
-from qsparse_jax.sharding import constrain
-from qsparse_jax.sparsity import SparsityConfig
+from qsparse_jax.nn.attention import Attention
+from qsparse_jax.nn.feedforward import GLUFeedForward
+from qsparse_jax.nn.linear import logical_axes
+from qsparse_jax.nn.norm import RMSNorm
+from qsparse_jax.nn.rope import RopeScaling
+from qsparse_jax.ops import SparsityConfig
+from qsparse_jax.parallel.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

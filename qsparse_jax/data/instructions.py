@@ -24,12 +24,11 @@ import textwrap
 from typing import Iterator, Sequence
 
 import grain
-import numpy as np
 import tensorflow_datasets as tfds
 
-from qsparse_jax import chat
-from qsparse_jax import data as data_lib
-from qsparse_jax.config import DataConfig
+from qsparse_jax.data import chat, text
+from qsparse_jax.data.config import DataConfig
+from qsparse_jax.data.tokenizers import Tokenizer
 
 
 def _in_validation(key: str, validation_fraction: float) -> bool:
@@ -73,7 +72,7 @@ def python_stdlib_instructions(max_chars: int = 320, max_summary_chars: int = 16
 
   Prompt: "Write the Python function `<name>`: <the docstring's first paragraph>"; response: the source.
   """
-  for path in data_lib.python_stdlib_files():
+  for path in text.python_stdlib_files():
     source = path.read_text(encoding="utf-8", errors="replace")
     try:
       tree = ast.parse(source)
@@ -102,7 +101,7 @@ class InstructionFiles(tfds.core.GeneratorBasedBuilder):
     self._files = None if files is None else sorted(pathlib.Path(f) for f in files)
     self._validation_fraction = validation_fraction
     stamp = ([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in self._files] if self._files is not None
-             else [str(p) for p in data_lib.python_stdlib_files()])
+             else [str(p) for p in text.python_stdlib_files()])
     digest = hashlib.sha256(json.dumps([validation_fraction, stamp]).encode()).hexdigest()[:12]
     corpus = "jsonl" if files is not None else "python_stdlib"
     super().__init__(config=tfds.core.BuilderConfig(name=f"{corpus}_{digest}"), file_format="array_record",
@@ -128,9 +127,9 @@ class InstructionFiles(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, conversations, part: int):
     for key, messages in conversations:
-      text = json.dumps(messages, ensure_ascii=False)
-      if _in_validation(text, self._validation_fraction) == bool(part):
-        yield key, {"messages": text}
+      messages_json = json.dumps(messages, ensure_ascii=False)
+      if _in_validation(messages_json, self._validation_fraction) == bool(part):
+        yield key, {"messages": messages_json}
 
 
 def instruction_source(cfg: DataConfig, split: str):
@@ -141,22 +140,22 @@ def instruction_source(cfg: DataConfig, split: str):
   """
   data_dir = str(pathlib.Path(cfg.data_dir).expanduser())
   if cfg.source == "tfds":
-    return data_lib.tfds_split_source(cfg, split)
+    return text.tfds_split_source(cfg, split)
   if cfg.source == "python_stdlib":
     files = None
   elif cfg.source == "files":
-    files = data_lib.expand_paths(cfg.paths)
+    files = text.expand_paths(cfg.paths)
   else:
     raise ValueError(f"data.source must be 'python_stdlib', 'files' or 'tfds', got {cfg.source!r}")
   builder = InstructionFiles(files=files, validation_fraction=cfg.validation_fraction, data_dir=data_dir)
-  data_lib.prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  text.prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return builder.as_data_source(split=split)
 
 
 class _Encode(grain.transforms.Map):
   """A record -> {"tokens", "loss_mask"} [≤ max_len] int32 (chat.encode), truncated to max_len."""
 
-  def __init__(self, tokenizer: data_lib.Tokenizer, template: chat.ChatTemplate, max_len: int):
+  def __init__(self, tokenizer: Tokenizer, template: chat.ChatTemplate, max_len: int):
     self._tokenizer, self._template, self._max_len = tokenizer, template, max_len
 
   def map(self, record):
@@ -169,7 +168,7 @@ class _Encode(grain.transforms.Map):
     return {"tokens": tokens[: self._max_len], "loss_mask": mask[: self._max_len]}
 
 
-def sft_batches(source, tokenizer: data_lib.Tokenizer, template: chat.ChatTemplate, *, seq_len: int,
+def sft_batches(source, tokenizer: Tokenizer, template: chat.ChatTemplate, *, seq_len: int,
                 batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True, process_index: int = 0,
                 process_count: int = 1):
   """A Grain IterDataset of packed instruction batches, each a dict of int32 [batch_size, seq_len + 1] arrays:

@@ -1,0 +1,125 @@
+"""Causal grouped-query attention with RoPE and two Q-Sparse sites: the shared q/k/v input and the output-projection
+input (method.md §1). QKᵀ and softmax·V stay dense.
+
+Shapes: B batch, T query time, S key time, D model, N query heads, G query heads per kv head, H kv heads, K head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qsparse_jax.nn.linear import DENSE, SparseLinear, keep_entries, project_kept, site_kwargs, sparsify_site
+from qsparse_jax.nn.rope import RopeScaling, apply_rope, rope_frequencies
+from qsparse_jax.ops import SparsityConfig
+from qsparse_jax.parallel.sharding import constrain
+
+
+def causal_attention(q_btnk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, mask_bts: jax.Array) -> jax.Array:
+  """softmax(q kᵀ / sqrt(K) + mask) v with grouped-query heads (N = H·G), softmax in float32.
+
+  q: [B, T, N, K]; k, v: [B, S, H, K]; mask_bts: [B, T, S] bool, True where query t may attend to key s.
+  Returns [B, T, N, K]. Not sparsified (method.md §1: QKᵀ and softmax·V stay dense).
+  """
+  b, t, n, kd = q_btnk.shape
+  h = k_bshk.shape[2]
+  if n % h:
+    raise ValueError(f"query heads N={n} must be a multiple of kv heads H={h}")
+  q_bthgk = q_btnk.reshape(b, t, h, n // h, kd)
+  logits = jnp.einsum("bthgk,bshk->bhgts", q_bthgk, k_bshk, preferred_element_type=jnp.float32)
+  logits = logits * (kd ** -0.5)
+  logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bshk.dtype)
+  out = jnp.einsum("bhgts,bshk->bthgk", probs, v_bshk)
+  return out.reshape(b, t, n, kd)
+
+
+def causal_mask(positions_bt: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
+  """[B, T, T] bool: key s visible to query t when s <= t (by position) and, if given, in the same segment."""
+  mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
+  if segment_ids_bt is not None:
+    mask &= segment_ids_bt[:, None, :] == segment_ids_bt[:, :, None]
+  return mask
+
+
+class Attention(nnx.Module):
+  """Causal multi-head (optionally grouped-query) attention with RoPE and two Q-Sparse sites (method.md §1).
+
+  The input x is sparsified once by `qkv_site` and feeds q, k and v; the attention output is sparsified by `out_site`
+  inside the output projection. qkv_bias adds biases to q/k/v (Qwen2).
+
+  __call__(x_btd, positions_bt, segment_ids_bt=None) -> [B, T, D].
+  """
+
+  def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
+               qkv_site: SparsityConfig = DENSE, out_site: SparsityConfig = DENSE, qkv_bias: bool = False,
+               rope_theta: float = 10000.0, rope_scaling: RopeScaling | None = None, ternary_weights: bool = False,
+               kernels: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    num_kv_heads = num_kv_heads or num_heads
+    head_dim = head_dim or d_model // num_heads
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    common = dict(ternary_weights=ternary_weights, kernels=kernels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.kernels = kernels
+    self.q_proj = SparseLinear(d_model, num_heads * head_dim, use_bias=qkv_bias, kernel_axes=("embed", "heads"),
+                               **common)
+    self.k_proj = SparseLinear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias,
+                               kernel_axes=("embed", "kv_heads"), **common)
+    self.v_proj = SparseLinear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias,
+                               kernel_axes=("embed", "kv_heads"), **common)
+    self.o_proj = SparseLinear(num_heads * head_dim, d_model, use_bias=False, kernel_axes=("heads", "embed"),
+                               **site_kwargs(out_site), **common)
+    self.qkv_site = qkv_site
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.rope_theta = rope_theta
+    self.rope_scaling = rope_scaling
+
+  def project_qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
+    """Sparsify x once (the q/k/v site) and return RoPE'd q [B,T,N,K], k [B,T,H,K] and v [B,T,H,K]."""
+    b, t, _ = x_btd.shape
+    xs_btd = sparsify_site(x_btd, self.qkv_site, self.kernels)
+    q = constrain(self.q_proj(xs_btd).reshape(b, t, self.num_heads, self.head_dim), ("batch", None, "heads", None))
+    k = constrain(self.k_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim),
+                  ("batch", None, "kv_heads", None))
+    v = constrain(self.v_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim),
+                  ("batch", None, "kv_heads", None))
+    inv_freq = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+    return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
+
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    b, t, _ = x_btd.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    q, k, v = self.project_qkv(x_btd, positions_bt)
+    out_btnk = causal_attention(q, k, v, causal_mask(positions_bt, segment_ids_bt))
+    return self.o_proj(out_btnk.reshape(b, t, self.num_heads * self.head_dim))
+
+  def cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: dict, *, sparse: bool = True):
+    """Attention of new tokens over a KV cache: (out [B, T, D], cache with their k and v written).
+
+    cache: {"k", "v"} [B, S, H, K]; each row's new tokens sit at its own positions_bt [B, T] and see the cache
+    entries at positions <= theirs (entries past a row's last token are never seen). With sparse and one token per
+    row (a decode step), the q/k/v and output projections multiply only the rows of W their kept entries select.
+    """
+    b, t, _ = x_btd.shape
+    kept = keep_entries(x_btd[:, 0], self.qkv_site) if sparse and t == 1 and not self.q_proj.is_packed else None
+    if kept is None:
+      xs_btd = sparsify_site(x_btd, self.qkv_site, self.kernels)
+      q, k, v = self.q_proj(xs_btd), self.k_proj(xs_btd), self.v_proj(xs_btd)
+    else:
+      q, k, v = (y[:, None] for y in project_kept(kept, self.q_proj, self.k_proj, self.v_proj))
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+    inv_freq = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+    q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
+    rows = jnp.arange(b)[:, None]
+    cache = {"k": cache["k"].at[rows, positions_bt].set(k.astype(cache["k"].dtype)),
+             "v": cache["v"].at[rows, positions_bt].set(v.astype(cache["v"].dtype))}
+    visible_bts = jnp.arange(cache["k"].shape[1])[None, None, :] <= positions_bt[:, :, None]
+    out_btnk = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), visible_bts)
+    out = out_btnk.reshape(b, t, self.num_heads * self.head_dim)
+    out = self.o_proj.decode(out[:, 0])[:, None] if sparse and t == 1 else self.o_proj(out)
+    return out, cache

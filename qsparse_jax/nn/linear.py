@@ -1,0 +1,208 @@
+"""SparseLinear: a drop-in nnx.Linear whose input is top-K sparsified per token (method.md §1), and the plumbing
+of a sparsity site: one selection feeding several projections, the kept-entries form of a decode step, packed
+ternary weights.
+
+Parameters carry logical axis names ("embed", "mlp", "heads", "kv_heads") as `out_sharding` metadata;
+qsparse_jax.parallel.sharding maps them onto a mesh. Shapes: B batch, D input width, K kept entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels import dispatch
+from pallas_kernels.nm_matmul import ops as nm_ops
+from pallas_kernels.sparse_matvec import ops as smv_ops
+from pallas_kernels.ternary_matmul import ops as tm_ops
+from pallas_kernels.topk import ops as topk_ops
+from qsparse_jax.ops import (SparsityConfig, absmax_quantize, absmean_ternary, keep_count, quantize_activations,
+                             sparsify, ternarize)
+
+DENSE = SparsityConfig()
+
+
+def logical_axes(axes: tuple[str | None, ...]) -> dict:
+  """nnx.Variable metadata naming a parameter's logical axes; no mesh is needed to build a layer (the names are
+  mapped to mesh axes, and shardings applied, under jit)."""
+  return {"out_sharding": axes, "eager_sharding": False}
+
+
+def sparsify_site(x: jax.Array, site: SparsityConfig, kernels: str = "auto") -> jax.Array:
+  """sparsify(x, site), through the Pallas top-K kernel when `kernels` selects Pallas for a plain top-K site.
+
+  kernels: "auto" (Pallas where a kernel is compiled for the platform, plain JAX on the CPU), "xla" or "pallas"
+  (pallas_kernels.dispatch). Sites with n:m blocks, int8 activations or the L2 rescale use the plain-JAX operators.
+  """
+  k = keep_count(x.shape[-1], site.sparsity)
+  if 0 < k < x.shape[-1] and site.block is None and site.act_bits is None and not site.l2_rescale:
+    if dispatch.resolve(kernels, pallas_platforms=topk_ops.PALLAS_PLATFORMS)[0] == "pallas":
+      return topk_ops.topk_sparsify(x, k, gradient=site.gradient, backend=kernels)
+  return sparsify(x, site)
+
+
+class Kept(NamedTuple):
+  """A top-K sparsified input with one token per row, as its kept entries: values [B, K] at indices [B, K]."""
+
+  values: jax.Array
+  indices: jax.Array
+
+
+def keep_entries(x_bd: jax.Array, site: SparsityConfig) -> Kept | None:
+  """sparsify(x_bd, site) in kept form, the input of the sparse decode matvec; None where the site keeps every
+  entry or is n:m or L2-rescaled (those decode through the dense path). With act_bits the kept values are the
+  fake-quantized ones (the per-token scale comes from max|x|, which top-K always keeps)."""
+  d = x_bd.shape[-1]
+  k = keep_count(d, site.sparsity)
+  if not 0 < k < d or site.block is not None or site.l2_rescale:
+    return None
+  values, indices = smv_ops.topk_values_indices(x_bd, k)
+  if site.act_bits is not None:
+    values = jnp.take_along_axis(quantize_activations(x_bd, site.act_bits), indices, axis=-1)
+  return Kept(values, indices)
+
+
+# Name of the [zeros, entries] count a SparseLinear sows for nnx.capture(..., nnx.Intermediate): how many entries of
+# the input it multiplied were zero (after its site's top-K, and any zeros the input had already).
+INPUT_ZEROS = "input_zeros"
+
+
+def site_kwargs(cfg: SparsityConfig) -> dict:
+  """SparseLinear keyword arguments that reproduce a site config."""
+  return dataclasses.asdict(cfg)
+
+
+class PackedTernary(nnx.Variable):
+  """Inference-only state of a packed ternary SparseLinear (SparseLinear.pack): its codes or their scale."""
+
+
+def pack_ternary_layers(model: nnx.Module) -> int:
+  """Pack every ternary SparseLinear of model in place (SparseLinear.pack); returns how many were packed."""
+  layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, SparseLinear) and m.ternary_weights
+            and not m.is_packed]
+  for layer in layers:
+    layer.pack()
+  return len(layers)
+
+
+class SparseLinear(nnx.Linear):
+  """A drop-in `nnx.Linear` whose input is top-K sparsified per token: y = (x ⊙ M) W + b (method.md §1).
+
+  Takes every argument of `nnx.Linear` (and is one), plus:
+    sparsity: S in [0, 1), the fraction of input entries zeroed per token; 0 makes it exactly nnx.Linear.
+    gradient: "ste" (straight-through, method.md §2) or "masked".
+    block: (n, m) for Block Q-Sparse (method.md §5) instead of plain top-K.
+    act_bits: per-token absmax fake quantization of the input to this many bits (8 in the paper, method.md §4);
+      the mask is taken from |x| before quantization.
+    ternary_weights: BitNet b1.58 absmean ternary fake quantization of the kernel (method.md §4).
+    l2_rescale: see `topk_sparsify`.
+    method: "topk", or "relu" for the ablation that sparsifies the input by ReLU instead (SparsityConfig).
+    kernel_axes: logical axis names of the [in, out] kernel, default ("embed", "mlp"); the bias gets the second.
+    kernels: "auto" | "xla" | "pallas", which implementation of the sparse core to use (see `sparsify_site`); with
+      Pallas selected, an n:m site multiplies through the nm_matmul kernel.
+
+  Input [..., in_features] -> output [..., out_features]. Parameters are `kernel` [in, out] and `bias` [out], named
+  as in nnx.Linear, so state moves between the two unchanged.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, sparsity: float = 0.0, gradient: str = "ste",
+               block: tuple[int, int] | None = None, act_bits: int | None = None, ternary_weights: bool = False,
+               l2_rescale: bool = False, method: str = "topk",
+               kernel_axes: tuple[str | None, str | None] = ("embed", "mlp"), kernels: str = "auto",
+               rngs: nnx.Rngs, **linear_kwargs):
+    site = SparsityConfig(sparsity=sparsity, gradient=gradient, block=tuple(block) if block else None,
+                          act_bits=act_bits, l2_rescale=l2_rescale, method=method)
+    linear_kwargs.setdefault("kernel_metadata", logical_axes(tuple(kernel_axes)))
+    linear_kwargs.setdefault("bias_metadata", logical_axes((kernel_axes[1],)))
+    super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
+    if site.block is not None and in_features % site.block[1]:
+      raise ValueError(f"block m={site.block[1]} must divide in_features={in_features}")
+    dispatch.resolve(kernels, pallas_platforms=())  # validate the name now
+    self.site = site
+    self.ternary_weights = ternary_weights
+    self.kernels = kernels
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    n_m_kernel = (self.site.block is not None and self.site.act_bits is None and not self.is_packed
+                  and dispatch.resolve(self.kernels, pallas_platforms=nm_ops.PALLAS_PLATFORMS)[0] == "pallas")
+    x = inputs if n_m_kernel else sparsify_site(inputs, self.site, self.kernels)
+    if getattr(self, "__captures__", None) is not None:  # inside nnx.capture (qsparse_jax.inference.evaluation): count zeros
+      seen = sparsify_site(inputs, self.site, "xla") if n_m_kernel else x
+      self.sow(nnx.Intermediate, INPUT_ZEROS, jnp.stack([jnp.sum(seen == 0), seen.size]).astype(jnp.float32),
+               init_fn=lambda: jnp.zeros(2, jnp.float32), reduce_fn=jnp.add)
+    if self.is_packed:
+      return self._packed_call(inputs, x)
+    kernel = ternarize(self.kernel[...]) if self.ternary_weights else self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+    if n_m_kernel:  # Block Q-Sparse: the mask is made tile by tile inside the matmul
+      y = nm_ops.nm_matmul(x, kernel, *self.site.block, backend=self.kernels)
+    else:
+      kwargs = {"out_sharding": out_sharding}
+      if self.preferred_element_type is not None:
+        kwargs["preferred_element_type"] = self.preferred_element_type
+      y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision, **kwargs)
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+  # ----------------------------------------------------------------------- packed ternary weights (inference)
+
+  @property
+  def is_packed(self) -> bool:
+    """Whether pack() replaced the float kernel by 2-bit ternary codes."""
+    return getattr(self, "packed_kernel", None) is not None
+
+  def pack(self) -> None:
+    """Replace the float kernel by the BitNet b1.58 inference form (method.md §4): ternary codes Q_w(W) packed four
+    to a byte (pallas_kernels.ternary_matmul.pack_ternary, [in/4, out] uint8) and the scale α + ε. The layer then
+    multiplies through ternary_matmul: int8 activation codes times ternary weights, accumulated exactly in int32;
+    the same function as the fake-quantized training forward, up to float rounding, reading 1/16 of the bytes."""
+    if not self.ternary_weights:
+      raise ValueError("only a layer with ternary_weights=True can be packed")
+    if self.in_features % 4:
+      raise ValueError(f"packing needs in_features divisible by 4, got {self.in_features}")
+    if self.site.l2_rescale:
+      raise ValueError("a site with l2_rescale cannot be packed (its inputs are not integer codes times a scale)")
+    codes, scale = absmean_ternary(self.kernel[...])
+    self.packed_kernel = PackedTernary(tm_ops.pack_ternary(codes))
+    self.kernel_scale = PackedTernary(scale)
+    del self.kernel
+
+  def _packed_call(self, inputs: jax.Array, x: jax.Array) -> jax.Array:
+    """y [..., out] from the packed codes; x is sparsify_site(inputs): with act_bits, its zeros mask the int8
+    codes of absmax_quantize(inputs) (the scale comes from max|x|, which top-K keeps)."""
+    packed, alpha = self.packed_kernel[...], self.kernel_scale[...]
+    if self.site.act_bits is not None:
+      codes, scale = absmax_quantize(inputs, self.site.act_bits)
+      codes = jnp.where(x != 0, codes, jnp.int8(0))
+      y = tm_ops.ternary_matmul(codes, scale, packed, alpha, backend=self.kernels)
+    else:  # float activations: unpack the codes (exact in float32) and scale once
+      y = jnp.dot(x.astype(jnp.float32), tm_ops.unpack_ternary(packed).astype(jnp.float32)) * alpha
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype or inputs.dtype)
+
+  def project_kept(self, kept: Kept) -> jax.Array:
+    """y [B, out] = (x ⊙ M) W + b from the kept entries of x, reading only their rows of W (sparse_matvec)."""
+    (y,) = project_kept(kept, self)
+    return y
+
+  def decode(self, x_bd: jax.Array) -> jax.Array:
+    """The projection of one token per row [B, in]: through its own site's kept entries when it has them (packed
+    ternary layers multiply all their 2-bit codes instead: ternary_matmul)."""
+    kept = None if self.is_packed else keep_entries(x_bd, self.site)
+    return self(x_bd) if kept is None else self.project_kept(kept)
+
+
+def project_kept(kept: Kept, *layers: SparseLinear) -> tuple[jax.Array, ...]:
+  """y [B, out_l] = (x ⊙ M) W_l + b_l for each layer l that reads the same sparsified input (q, k and v; gate and
+  up): one sparse_matvecs pass over the kept entries, reading only their rows of every W_l."""
+  dtype = layers[0].dtype or kept.values.dtype
+  kernels = tuple((ternarize(l.kernel[...]) if l.ternary_weights else l.kernel[...]).astype(dtype) for l in layers)
+  ys = smv_ops.sparse_matvecs(kept.values.astype(dtype), kept.indices, kernels, backend=layers[0].kernels)
+  return tuple(y if l.bias is None else y + l.bias[...].astype(y.dtype) for y, l in zip(ys, layers))
