@@ -1,7 +1,10 @@
-"""Run configuration: frozen dataclasses for model, data and training, Python preset files, command-line overrides.
+"""The run config: one frozen dataclass per section (model, data, train, mesh), presets and command-line overrides.
 
-A preset (configs/tiny.py) is a Python file that defines `config = Config(...)`. Any field can then be overridden
-as `section.field=value` (e.g. `train.steps=200 model.sparsity_down=0.5`); values are parsed as Python literals.
+Each section's dataclass lives with the code it configures (nn.model.ModelConfig, data.config.DataConfig,
+parallel.sharding.MeshConfig) and is re-exported here with TrainConfig and Config, so a preset needs one import.
+A preset (configs/tiny.py) is a Python file that defines `config = Config(...)`; it is executed, so it must be
+trusted like any script. Any field can then be overridden as `section.field=value` (e.g. `train.steps=200
+model.sparsity_down=0.5`); values are parsed as Python literals.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ class TrainConfig:
   sample_tokens: int = 200
   sample_prompt: str = "def "
   progress: bool = True
-  # Start from pretrained weights (continued training, qsparse_jax.training.init_from): "hf:DIR" for a Hugging Face model,
-  # or a run directory of qsparse train; "" initializes at random. A run that has its own checkpoint resumes it.
+  # Start from pretrained weights (continued training, qsparse_jax.training.init_from): "hf:DIR" for a Hugging Face
+  # model, or a run directory of qsparse train; "" initializes at random. A run that has its own checkpoint resumes
+  # it.
   init_from: str = ""
 
   def __post_init__(self):

@@ -1,8 +1,8 @@
 """A run's input by data.format: its training batches, its fixed validation batches and what the loss reads.
 
-"text": documents packed by concatenation (data.lm_batches), each batch tokens [B, T+1] for train.lm_loss.
+"text": documents packed by concatenation (text.lm_batches), each batch tokens [B, T+1] for training.step.lm_loss.
 "instructions": conversations packed without crossing (instructions.sft_batches), each batch a dict of [B, T+1] arrays
-for train.response_loss.
+for training.step.response_loss.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def _source_without_docstring(lines: Sequence[str], node: ast.FunctionDef) -> st
 
 def python_stdlib_instructions(max_chars: int = 320, max_summary_chars: int = 160) -> Iterator[tuple[str, dict[str, str]]]:
   """(key, {"prompt", "response"}) for the documented functions and methods of Python's standard library modules
-  (data.python_stdlib_files) whose source without the docstring has at most max_chars characters and whose
+  (text.python_stdlib_files) whose source without the docstring has at most max_chars characters and whose
   docstring summary at most max_summary_chars.
 
   Prompt: "Write the Python function `<name>`: <the docstring's first paragraph>"; response: the source.

@@ -23,7 +23,7 @@ class LoadedModel:
   params: nnx.State
   tokenizer: tokenizers.Tokenizer
   step: int
-  packed: bool = False  # ternary weights packed to 2 bits (layers.pack_ternary_layers)
+  packed: bool = False  # ternary weights packed to 2 bits (nn.linear.pack_ternary_layers)
 
 
 def load(path: str | pathlib.Path, *, tokenizer: str | None = None, pack: bool = True) -> LoadedModel:

@@ -130,7 +130,7 @@ class SparseLinear(nnx.Linear):
     n_m_kernel = (self.site.block is not None and self.site.act_bits is None and not self.is_packed
                   and dispatch.resolve(self.kernels, pallas_platforms=nm_ops.PALLAS_PLATFORMS)[0] == "pallas")
     x = inputs if n_m_kernel else sparsify_site(inputs, self.site, self.kernels)
-    if getattr(self, "__captures__", None) is not None:  # inside nnx.capture (qsparse_jax.inference.evaluation): count zeros
+    if getattr(self, "__captures__", None) is not None:  # inside nnx.capture (inference.evaluation): count zeros
       seen = sparsify_site(inputs, self.site, "xla") if n_m_kernel else x
       self.sow(nnx.Intermediate, INPUT_ZEROS, jnp.stack([jnp.sum(seen == 0), seen.size]).astype(jnp.float32),
                init_fn=lambda: jnp.zeros(2, jnp.float32), reduce_fn=jnp.add)

@@ -1,5 +1,5 @@
 """Q-Sparse operators as pure JAX functions: top-K masks, straight-through sparsification, Block Q-Sparse, and the
-8-bit activation / 1.58-bit weight fake quantizers. No Flax here; the layers in `layers.py` only call these.
+8-bit activation / 1.58-bit weight fake quantizers. No Flax here; the layers of qsparse_jax.nn only call these.
 
 Equations (numbered as in ../shared/docs/method.md, "the paper" is Wang et al. 2024, arXiv 2407.10969):
   §1  Y = (X ⊙ M) Wᵀ,  M = Topk(|X|), K = round((1 − S) · D) per token.

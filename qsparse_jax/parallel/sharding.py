@@ -1,6 +1,6 @@
 """Device meshes and logical-axis sharding: the only module that knows the mesh axis names.
 
-Parameters carry logical axis names ("embed", "mlp", "heads", "kv_heads", "vocab") as metadata (layers.py); one
+Parameters carry logical axis names ("embed", "mlp", "heads", "kv_heads", "vocab") as metadata (qsparse_jax.nn.linear.logical_axes); one
 rules table maps them onto the mesh axes ("data", "fsdp", "tensor"), and `shard_train_state` places a train state on
 a mesh with jit + NamedSharding (the pjit way). Batches are split over ("data", "fsdp").
 """

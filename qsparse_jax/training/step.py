@@ -50,7 +50,7 @@ def lm_loss(graphdef, params, tokens_bt: jax.Array) -> jax.Array:
 
 
 def response_loss(graphdef, params, batch: dict[str, jax.Array]) -> jax.Array:
-  """Mean next-token cross-entropy over response tokens only, of packed instruction rows (sft_data.sft_batches:
+  """Mean next-token cross-entropy over response tokens only, of packed instruction rows (data.instructions.sft_batches:
   "tokens", "loss_mask", "segment_ids", "positions", each [B, T+1]).
 
   Each conversation of a row sees only itself (segment ids in the attention mask, positions restarting at 0); a
