@@ -3,7 +3,8 @@
     cfg, params = qsparse_jax.hf.load_pretrained("path/to/Qwen2-0.5B", sparsity_qkv=0.3, ...)
     qsparse_jax.hf.save_pretrained("out/qwen2-qsparse", cfg, params)
 
-No transformers or torch is needed for either; the `hf` extra brings them for the equivalence tests.
+No transformers or torch is needed for either; the `hf` extra brings them for the equivalence tests. May import
+qsparse_jax.ops, pallas_kernels, parallel and nn; nothing above.
 """
 
 from __future__ import annotations
