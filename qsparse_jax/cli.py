@@ -19,6 +19,7 @@ import argparse
 import os
 import pathlib
 import sys
+import warnings
 
 # Quiet TFDS / absl chatter before they are imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,12 +42,7 @@ def _train(args) -> int:
     from qsparse_jax.parallel import distributed
 
     distributed.initialize()
-  result = train(config)
-  import jax
-
-  if jax.process_index() == 0:
-    print(f"final: step {result['step']}, train loss {result.get('loss', float('nan')):.4f}, "
-          f"validation loss {result.get('val_loss', float('nan')):.4f}")
+  train(config)
   return 0
 
 
@@ -71,7 +67,7 @@ def _generate(args) -> int:
     prompts = [args.prompt]
   if any(not p for p in prompts):
     raise ValueError("the prompt is empty: give some text to continue")
-  loaded = inference.load(args.checkpoint, tokenizer=args.tokenizer)
+  loaded = inference.load(args.checkpoint, step=args.step, tokenizer=args.tokenizer)
   tok = loaded.tokenizer
   stop = tuple(args.stop)
   if args.chat:  # each prompt as a user message in the template the model was fine-tuned with
@@ -87,6 +83,7 @@ def _generate(args) -> int:
   ids = [tok.encode(p) for p in prompts]
   if any(len(i) == 0 for i in ids):
     raise ValueError("the prompt encodes to no tokens: give some text to continue")
+  decode.check_request(loaded.config.model, ids, sampling, decode_text=tok.decode)  # before any text is shown
   streaming = len(prompts) == 1
   shown = {"ids": [], "text": ""}
 
@@ -106,7 +103,8 @@ def _generate(args) -> int:
   result = decode.generate(loaded.graphdef, loaded.params, loaded.config.model, ids, sampling,
                            decode_text=tok.decode, sparse=not args.dense, on_tokens=stream if streaming else None)
   if streaming:
-    print(tok.decode(result.tokens[0])[len(shown["text"]):])
+    rest = tok.decode(result.tokens[0])[len(shown["text"]):]
+    print(rest if (shown["text"] + rest).endswith("\n") else rest + "\n", end="", flush=True)
   else:
     for prompt, new in zip(prompts, result.tokens):
       print(prompt + tok.decode(new) + "\n")
@@ -165,14 +163,17 @@ def _eval(args) -> int:
 
   absl.logging.set_verbosity(absl.logging.FATAL)
   tfds.disable_progress_bar()
-  bad = [o for o in args.overrides if not o.strip().startswith("data.")]
+  bad = [o for o in args.overrides if not o.strip().startswith(("data.", "model."))]
   if bad:
-    raise ValueError(f"eval takes only data.* overrides (the text to measure on), got {bad[0]!r}")
+    raise ValueError(f"eval takes data.* overrides (the text to measure on) and model.* sparsity overrides (e.g. "
+                     f"model.sparsity=0 for the dense loss), got {bad[0]!r}")
   for name in ("batches", "batch_size"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-  loaded = inference.load(args.checkpoint, pack=False)  # the forward it was trained with
+  loaded = inference.load(args.checkpoint, step=args.step, pack=False)  # the forward it was trained with
   config = apply_overrides(loaded.config, args.overrides)
+  if config.model != loaded.config.model:
+    loaded = inference.with_model(loaded, config.model)
   batches = evaluation.validation_batches(
       config, loaded.tokenizer, num_batches=args.batches or config.train.eval_batches,
       batch_size=args.batch_size or config.train.batch_size)
@@ -180,7 +181,7 @@ def _eval(args) -> int:
   if args.json == "-":
     print(result.dumps())
     return 0
-  print(result.table())
+  print(result.table(loaded.tokenizer.unit))
   if args.json is not None:
     pathlib.Path(args.json).write_text(result.dumps() + "\n")
     print(f"wrote {args.json}")
@@ -194,7 +195,7 @@ def _export_hf(args) -> int:
   from qsparse_jax import hf, inference
 
   absl.logging.set_verbosity(absl.logging.FATAL)
-  loaded = inference.load(args.checkpoint, pack=False)
+  loaded = inference.load(args.checkpoint, step=args.step, pack=False)
   hf.to_hf(loaded.config.model, args.arch)  # an unexportable model fails before anything is read or written
   out = hf.save_pretrained(args.out, loaded.config.model, loaded.params, kind=args.arch,
                            dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
@@ -202,20 +203,42 @@ def _export_hf(args) -> int:
   return 0
 
 
+def _show_warning(command: str):
+  """warnings.showwarning that prints ours (qsparse_jax's) as one line `qsparse COMMAND: warning: ...`."""
+  default = warnings.showwarning
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    if category.__module__.startswith("qsparse_jax"):
+      print(f"qsparse {command}: warning: {message}", file=sys.stderr, flush=True)
+    else:
+      default(message, category, filename, lineno, file, line)
+
+  return show
+
+
 def main(argv: list[str] | None = None) -> int:
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
   parser = argparse.ArgumentParser(prog="qsparse", description="Q-Sparse language models in JAX")
   sub = parser.add_subparsers(dest="command", required=True)
-  p_train = sub.add_parser("train", help="train (or resume) a model from a preset config")
+
+  def add(name: str, **kwargs) -> argparse.ArgumentParser:  # every subcommand takes --debug
+    return sub.add_parser(name, parents=[common], **kwargs)
+
+  step_help = ("the checkpoint step to use (default: the newest that restores, passing over damaged ones with a "
+               "warning)")
+  p_train = add("train", help="train (or resume) a model from a preset config")
   p_train.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
   p_train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
   p_train.add_argument("--distributed", action="store_true",
                        help="join a multi-process job (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS / "
                             "JAX_NUM_PROCESSES / JAX_PROCESS_ID) before training")
   p_train.add_argument("overrides", nargs="*", help="section.field=value overrides")
-  p_gen = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache, sparse decode)")
+  p_gen = add("generate", help="continue a prompt with a trained model (KV cache, sparse decode)")
   p_gen.add_argument("--checkpoint", required=True, help="run directory of `qsparse train` (or its checkpoints/)")
   p_gen.add_argument("--prompt", help="text to continue; streamed to the terminal as it is written")
   p_gen.add_argument("--prompts-file", help="a file with one prompt per line, decoded as one batch")
+  p_gen.add_argument("--step", type=int, help=step_help)
   p_gen.add_argument("--max-new-tokens", type=int, default=200)
   p_gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
   p_gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -226,20 +249,22 @@ def main(argv: list[str] | None = None) -> int:
   p_gen.add_argument("--dense", action="store_true", help="decode with dense projections (for comparison)")
   p_gen.add_argument("--chat", action="store_true", help="ask each prompt as a user message in the chat template "
                      "the checkpoint was fine-tuned with (data.chat_template), stopping at its end of turn")
-  p_eval = sub.add_parser("eval", help="validation loss and measured sparsity per projection (the paper's Table 2)")
+  p_eval = add("eval", help="validation loss and measured sparsity per projection (the paper's Table 2)")
   p_eval.add_argument("--checkpoint", required=True, help="run directory of `qsparse train` (or its checkpoints/)")
+  p_eval.add_argument("--step", type=int, help=step_help)
   p_eval.add_argument("--batches", type=int, help="validation batches to measure on (default: train.eval_batches)")
   p_eval.add_argument("--batch-size", type=int, help="sequences per batch (default: train.batch_size)")
   p_eval.add_argument("--json", help="also write the figures as JSON to this file ('-': print JSON instead)")
-  p_eval.add_argument("overrides", nargs="*", help="data.field=value: measure on other text, e.g. data.source=files "
-                                                   "data.paths=\"['notes.txt']\"")
-  p_exp = sub.add_parser("export-hf", help="write a run's latest weights as a Hugging Face checkpoint")
+  p_eval.add_argument("overrides", nargs="*", help="data.field=value: measure on other text (e.g. "
+                      "data.paths=notes.txt); model.sparsity*=S: at another sparsity (model.sparsity=0: dense)")
+  p_exp = add("export-hf", help="write a run's latest weights as a Hugging Face checkpoint")
   p_exp.add_argument("--checkpoint", required=True, help="run directory of `qsparse train` (or its checkpoints/)")
+  p_exp.add_argument("--step", type=int, help=step_help)
   p_exp.add_argument("--out", required=True, help="a new directory for config.json and the safetensors")
   p_exp.add_argument("--arch", choices=["llama", "mistral", "qwen2"],
                      help="architecture of config.json (default: qwen2 with q/k/v biases, else llama)")
   p_exp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-  p_scale = sub.add_parser("scaling", help="the scaling-law sweep and fit (method.md §6)")
+  p_scale = add("scaling", help="the scaling-law sweep and fit (method.md §6)")
   p_scale.add_argument("action", choices=["sweep", "fit"], help="sweep: train the grid's unfinished runs; fit: fit "
                        "the law to the finished ones, print S*, draw plots")
   p_scale.add_argument("--sweep", default="configs/scaling_sweep.py", help="sweep preset (defines `sweep`)")
@@ -247,9 +272,21 @@ def main(argv: list[str] | None = None) -> int:
   p_scale.add_argument("--json", help="fit: also write the runs and fitted constants as JSON to this file")
   p_scale.add_argument("--seed", type=int, help="fit: only the runs of this seed (default: every seed's runs)")
   args = parser.parse_args(argv)
+  with warnings.catch_warnings():
+    warnings.showwarning = _show_warning(args.command)
+    return _run(args) if args.debug else _run_reporting_errors(args)
+
+
+def _run(args) -> int:
+  return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf,
+          "scaling": _scaling}[args.command](args)
+
+
+def _run_reporting_errors(args) -> int:
+  """_run, with every failure the library can name printed as one line (exit 2 for bad input, 1 for a failed
+  save) instead of a traceback."""
   try:
-    return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf,
-            "scaling": _scaling}[args.command](args)
+    return _run(args)
   except (ValueError, FileNotFoundError, FileExistsError) as err:
     print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
     return 2

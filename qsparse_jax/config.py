@@ -48,7 +48,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   out_dir: str = "runs/tiny"
   sample_tokens: int = 200
-  sample_prompt: str = "def "
+  sample_prompt: str = ""  # "": the start of the first validation document (its first user message, for instructions)
   progress: bool = True
   # Start from pretrained weights (continued training, qsparse_jax.training.init_from): "hf:DIR" for a Hugging Face
   # model, or a run directory of qsparse train; "" initializes at random. A run that has its own checkpoint resumes
@@ -74,6 +74,11 @@ class Config:
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
 
+  def __post_init__(self):
+    if self.data.seq_len > self.model.max_seq_len:
+      raise ValueError(f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}: "
+                       "lower data.seq_len or raise model.max_seq_len")
+
 
 def config_from_json(stored: dict) -> Config:
   """The Config a checkpoint was written with, from its JSON form (checkpoint.meta_json); lists become tuples.
@@ -89,6 +94,8 @@ def config_from_json(stored: dict) -> Config:
     if unknown:
       raise ValueError(f"the checkpoint's config has {section.name}.{unknown[0]}, which this version of qsparse-jax "
                        "does not know")
+    if section.name == "data" and values.get("source", "files") != "files":
+      values.pop("paths", None)  # written before data.paths required data.source=files, and never read then
     sections[section.name] = cls(**{k: tuple(map(_tuple_if_list, v)) if isinstance(v, list) else v
                                     for k, v in values.items()})
   return Config(**sections)
@@ -120,7 +127,7 @@ def load_preset(path: str | pathlib.Path) -> Config:
 def _parse_value(text: str, annotation: Any, where: str) -> Any:
   try:
     value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+  except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
     value = text  # bare words are strings
   origin = typing.get_origin(annotation)
   args = typing.get_args(annotation)
@@ -135,8 +142,8 @@ def _parse_value(text: str, annotation: Any, where: str) -> Any:
       continue
     if kind_origin is tuple and isinstance(value, (tuple, list)):
       return tuple(value)
-    if kind_origin is tuple and isinstance(value, str):
-      return (value,)
+    if kind_origin is tuple and isinstance(value, str):  # a,b,c: comma-separated, no Python quoting needed
+      return tuple(part.strip() for part in value.split(",") if part.strip())
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
       return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -149,15 +156,26 @@ def _parse_value(text: str, annotation: Any, where: str) -> Any:
   raise ValueError(f"{where}={text!r} has the wrong type: expected {expected}")
 
 
+SITES = ("qkv", "out", "up", "down")
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-  """Return config with each "section.field=value" applied; unknown names get the closest valid one suggested."""
+  """Return config with each "section.field=value" applied; unknown names get the closest valid one suggested.
+
+  Two shorthands: `model.sparsity=S` sets the four sites' sparsities (a site's own override wins), and
+  `data.paths=...` alone implies `data.source=files`.
+  """
   sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   changes: dict[str, dict[str, Any]] = {name: {} for name in sections}
+  every_site = None
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:
       raise ValueError(f"override {item!r} must look like section.field=value (e.g. train.steps=200)")
     section, dot, field = key.strip().partition(".")
+    if key.strip() == "model.sparsity":
+      every_site = _parse_value(text.strip(), float, key.strip())
+      continue
     if not dot or section not in sections:
       close = difflib.get_close_matches(key, [f"{s}.{f.name}" for s, v in sections.items()
                                                for f in dataclasses.fields(v)], n=1)
@@ -169,9 +187,17 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
       hint = f"; did you mean {section}.{close[0]}?" if close else ""
       raise ValueError(f"unknown config field {key!r}{hint}")
     hints = typing.get_type_hints(type(sections[section]))
-    changes[section][field] = _parse_value(text.strip(), hints[field], key)
+    changes[section][field] = _parse_value(text.strip(), hints[field], key.strip())
+  if every_site is not None:
+    for site in SITES:
+      changes["model"].setdefault(f"sparsity_{site}", every_site)
+  if "paths" in changes["data"] and "source" not in changes["data"]:
+    changes["data"]["source"] = "files"
   # One replace per section, so that fields validated together (data.source and data.paths) change together.
-  return Config(**{name: dataclasses.replace(value, **changes[name]) for name, value in sections.items()})
+  try:
+    return Config(**{name: dataclasses.replace(value, **changes[name]) for name, value in sections.items()})
+  except TypeError as err:  # a value of a type the section's checks cannot compare
+    raise ValueError(f"invalid override: {err}") from None
 
 
 def paper_pretraining(name: str, *, d_model: int, d_ff: int, num_heads: int, num_layers: int,

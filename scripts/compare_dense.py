@@ -2,7 +2,7 @@
 
     python scripts/compare_dense.py [--text ../shared/data/tinyshakespeare.txt] [--steps 600] [--sparsity 0.3]
 
-Both runs: byte-level tokens (one byte per character for this ASCII corpus, so losses are nats per character), the
+Both runs: byte-level tokens (one byte per character for this ASCII corpus: losses in nats/byte are per character), the
 same seed, the same batches in the same order, the last 10% of the text held out. The Q-Sparse run uses the given
 sparsity at all four sites (0.3 is the paper's "top-K 70%"). Writes docs/compare_dense.png (validation loss curves)
 and ends with `qsparse_vs_dense_val_loss: <Q-Sparse / dense final validation loss>`.
@@ -60,7 +60,7 @@ def main():
       steps, losses = zip(*run["curve"])
       ax.plot(steps, losses, marker="o", label=f"{name} ({run['val_loss']:.3f})")
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(f"tiny preset on {pathlib.Path(args.text).name}")
     ax.legend()
     fig.tight_layout()
@@ -70,8 +70,8 @@ def main():
     print("plot skipped: pip install matplotlib (the 'plots' extra)", file=sys.stderr)
 
   dense, sparse = runs["dense"]["val_loss"], runs["qsparse"]["val_loss"]
-  print(f"dense validation loss:    {dense:.4f} nats/char")
-  print(f"Q-Sparse validation loss: {sparse:.4f} nats/char (sparsity {args.sparsity} at every site)")
+  print(f"dense validation loss:    {dense:.4f} nats/byte")
+  print(f"Q-Sparse validation loss: {sparse:.4f} nats/byte (sparsity {args.sparsity} at every site)")
   print(f"qsparse_vs_dense_val_loss: {sparse / dense:.4f}")
 
 

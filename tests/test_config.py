@@ -3,6 +3,8 @@
 import pathlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qsparse_jax.config import apply_overrides, load_preset
 
@@ -39,3 +41,44 @@ def test_bad_overrides_name_what_is_wrong(override, match):
 def test_missing_preset_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load_preset(tmp_path / "nope.py")
+
+
+def test_shorthands_sparsity_everywhere_and_paths_alone():
+  cfg = apply_overrides(load_preset(TINY), ["model.sparsity=0.5", "model.sparsity_down=0.6", "data.paths=a.txt, b/"])
+  assert (cfg.model.sparsity_qkv, cfg.model.sparsity_out, cfg.model.sparsity_up, cfg.model.sparsity_down) == (
+      0.5, 0.5, 0.5, 0.6)  # the site's own override wins, in either order
+  assert cfg.data.source == "files" and cfg.data.paths == ("a.txt", "b/")
+  with pytest.raises(ValueError, match=r"model.sparsity='lots' has the wrong type"):
+    apply_overrides(load_preset(TINY), ["model.sparsity=lots"])
+
+
+def test_config_checks_across_sections():
+  with pytest.raises(ValueError, match=r"data.seq_len=512 is longer than model.max_seq_len=128"):
+    apply_overrides(load_preset(TINY), ["data.seq_len=512"])
+  with pytest.raises(ValueError, match=r"data.paths is read only with data.source='files'"):
+    apply_overrides(load_preset(TINY), ["data.paths=a.txt", "data.source=tfds"])
+
+
+FIELDS = sorted({f"{section}.{field}" for section, fields in {
+    "model": ["d_model", "num_layers", "sparsity", "sparsity_qkv", "block", "act_bits", "num_kv_heads", "dtype",
+              "activation", "kernels", "rope_scaling"],
+    "data": ["paths", "source", "seq_len", "validation_fraction", "tokenizer", "format"],
+    "train": ["steps", "learning_rate", "decay", "sample_prompt", "progress", "init_from"],
+    "mesh": ["data", "fsdp", "tensor"]}.items() for field in fields})
+VALUES = ["0", "1", "-1", "0.5", "1e9", "None", "True", "(2, 4)", "[1, 2]", "'x'", "a,b", "", "nan", "[[[[",
+          "((((" * 50, "{1: 2}", "b'x'", "1j", "🙂", "=", "\x00"]
+
+
+@given(st.lists(st.one_of(
+    st.tuples(st.sampled_from(FIELDS + ["model.", ".x", "x", "model.nope"]), st.sampled_from(VALUES))
+    .map(lambda kv: f"{kv[0]}={kv[1]}"),
+    st.text(max_size=30)), max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_random_overrides_give_a_config_or_one_value_error(overrides):
+  """What the CLI turns into one error line (ValueError) or a valid Config: never another exception."""
+  try:
+    cfg = apply_overrides(load_preset(TINY), overrides)
+  except ValueError as err:
+    assert str(err) and "\n" not in str(err).strip()
+  else:
+    assert cfg.model.sparsity_qkv < 1 and cfg.data.seq_len <= cfg.model.max_seq_len

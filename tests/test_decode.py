@@ -162,12 +162,13 @@ def test_packed_ternary_model_decodes_like_its_uncached_forward():
 def test_loading_a_ternary_checkpoint_packs_its_weights(tmp_path):
   from qsparse_jax import inference
   from qsparse_jax.training.checkpoint import Checkpointer, meta_json
-  from qsparse_jax.config import Config
+  from qsparse_jax.config import Config, DataConfig
   from qsparse_jax.nn import pack_ternary_layers
   from qsparse_jax.training.optimizer import make_optimizer
   from qsparse_jax.training.step import init_train_state
 
-  config = Config(model=dataclasses.replace(CFG, ternary_weights=True, act_bits=8).with_sparsity(0.4))
+  config = Config(model=dataclasses.replace(CFG, ternary_weights=True, act_bits=8).with_sparsity(0.4),
+                  data=DataConfig(seq_len=CFG.max_seq_len))
   tx = make_optimizer(config.train)
   _, state = init_train_state(config.model, tx, seed=0)
   state = {**state, "step": jnp.asarray(5, jnp.int32)}

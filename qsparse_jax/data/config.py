@@ -43,3 +43,6 @@ class DataConfig:
       raise ValueError(f"data.chat_template must be 'chatml', 'mistral' or 'plain', got {self.chat_template!r}")
     if self.source == "files" and not self.paths:
       raise ValueError("data.paths must name at least one text file or folder when data.source='files'")
+    if self.paths and self.source != "files":
+      raise ValueError(f"data.paths is read only with data.source='files', and this config has "
+                       f"data.source={self.source!r}: set data.source=files, or leave data.paths out")

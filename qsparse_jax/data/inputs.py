@@ -22,6 +22,16 @@ class Inputs:
   validation: list  # the first eval_batches validation batches, already selected: the same text at every evaluation
   select: Callable  # a training batch as the pipeline yields it -> what the loss takes
   summary: str  # for the run's log
+  sample_prompt: str  # the start of the first validation document, or its first user message (instructions)
+
+
+def _opening(text_: str, max_chars: int = 40) -> str:
+  """The first line of a document, at most max_chars long, cut after a space when it must be cut."""
+  line = text_.lstrip().split("\n", 1)[0]
+  if len(line) <= max_chars:
+    return line
+  cut = line.rfind(" ", 0, max_chars)
+  return line[: cut + 1] if cut > 0 else line[:max_chars]
 
 
 def make_inputs(dc: DataConfig, tokenizer: Tokenizer, *, batch_size: int, eval_batches: int, seed: int,
@@ -58,4 +68,11 @@ def make_inputs(dc: DataConfig, tokenizer: Tokenizer, *, batch_size: int, eval_b
                      "lower train.batch_size")
   summary = (f"{dc.source} {dc.format} ({len(sources['train'])} train / {len(sources['validation'])} validation "
              f"{unit}{', chat template ' + dc.chat_template if dc.format == 'instructions' else ''})")
-  return Inputs(train=make("train", seed=seed), validation=validation, select=select, summary=summary)
+  first = sources["validation"][0]
+  if dc.format == "instructions":
+    prompt = next((m["content"] for m in instructions.record_messages(first) if m["role"] == "user"), "")
+  else:
+    document = first[dc.tfds_text_key]
+    prompt = _opening(document.decode("utf-8", "replace") if isinstance(document, bytes) else document)
+  return Inputs(train=make("train", seed=seed), validation=validation, select=select, summary=summary,
+                sample_prompt=prompt)

@@ -148,8 +148,17 @@ def instruction_source(cfg: DataConfig, split: str):
   else:
     raise ValueError(f"data.source must be 'python_stdlib', 'files' or 'tfds', got {cfg.source!r}")
   builder = InstructionFiles(files=files, validation_fraction=cfg.validation_fraction, data_dir=data_dir)
-  text.prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  text.prepare(builder, local=True, download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return builder.as_data_source(split=split)
+
+
+def record_messages(record) -> list[dict]:
+  """The conversation of a source record: InstructionFiles stores it as JSON text, a TFDS dataset in any of
+  chat.RECORD_FORMATS."""
+  messages = record.get("messages")
+  if isinstance(messages, (bytes, str)):
+    return json.loads(messages)
+  return chat.conversation(record)
 
 
 class _Encode(grain.transforms.Map):
@@ -159,12 +168,7 @@ class _Encode(grain.transforms.Map):
     self._tokenizer, self._template, self._max_len = tokenizer, template, max_len
 
   def map(self, record):
-    messages = record.get("messages")
-    if isinstance(messages, (bytes, str)):  # InstructionFiles stores the conversation as JSON text
-      messages = json.loads(messages)
-    else:
-      messages = chat.conversation(record)
-    tokens, mask = chat.encode(messages, self._template, self._tokenizer)
+    tokens, mask = chat.encode(record_messages(record), self._template, self._tokenizer)
     return {"tokens": tokens[: self._max_len], "loss_mask": mask[: self._max_len]}
 
 

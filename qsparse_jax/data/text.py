@@ -10,16 +10,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import pathlib
+import shutil
 import sysconfig
+import warnings
 from typing import Iterable, Sequence
 
 import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from qsparse_jax.data.config import DataConfig
 from qsparse_jax.data.tokenizers import Tokenizer
@@ -36,9 +41,35 @@ def _line_cut(text: str, at: int) -> int:
 
 
 def split_text(text: str, validation_fraction: float) -> tuple[str, str]:
-  """(train, validation) parts of one file: validation is its last fraction, starting at a line boundary."""
-  cut = _line_cut(text, int(round(len(text) * (1.0 - validation_fraction))))
+  """(train, validation) parts of one file: validation is its last fraction, starting at a line boundary (or, in a
+  file whose last fraction holds no line start, such as a file of one line, at the exact character)."""
+  at = int(round(len(text) * (1.0 - validation_fraction)))
+  cut = _line_cut(text, at)
+  if cut == len(text):
+    cut = at
   return text[:cut], text[cut:]
+
+
+class DataWarning(UserWarning):
+  """Text that is legal but suspicious: binary bytes, or bytes that are not UTF-8."""
+
+
+def read_text_file(path: pathlib.Path) -> str:
+  """A corpus file as text: UTF-8, invalid bytes replaced by U+FFFD, with a DataWarning for a file that looks binary
+  (NUL bytes) or is not UTF-8 (Latin-1, say)."""
+  data = path.read_bytes()
+  if b"\x00" in data:
+    warnings.warn(f"data.paths: {path} holds NUL bytes: it looks binary, not text (training on it anyway)",
+                  DataWarning, stacklevel=2)
+    return data.decode("utf-8", errors="replace")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as err:
+    text = data.decode("utf-8", errors="replace")
+    warnings.warn(f"data.paths: {path} is not UTF-8 (byte {err.start} is {data[err.start]:#04x}); "
+                  f"{text.count(chr(0xFFFD))} characters became U+FFFD: convert it first, e.g. "
+                  f"iconv -f latin1 -t utf-8", DataWarning, stacklevel=2)
+    return text
 
 
 def _chunks(text: str, chunk_chars: int) -> Iterable[str]:
@@ -77,11 +108,18 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(0), "validation": self._generate_examples(1)}
 
   def _generate_examples(self, part: int):
+    count = 0
     for file_index, path in enumerate(self._files):
-      text = path.read_text(encoding="utf-8", errors="replace")
+      text = read_text_file(path) if part == 0 else path.read_text(encoding="utf-8", errors="replace")
       for chunk_index, chunk in enumerate(_chunks(split_text(text, self._validation_fraction)[part],
                                                   self._chunk_chars)):
+        count += 1
         yield f"{file_index}-{chunk_index}", {"text": chunk}
+    if count == 0:
+      chars = sum(p.stat().st_size for p in self._files)
+      raise ValueError(f"data.paths: the corpus ({len(self._files)} file(s), {chars} bytes) leaves no text for its "
+                       f"{('train', 'validation')[part]} split at data.validation_fraction={self._validation_fraction}"
+                       ": give more text")
 
 
 def python_stdlib_files() -> list[pathlib.Path]:
@@ -111,19 +149,42 @@ def expand_paths(paths: Sequence[str]) -> list[pathlib.Path]:
   return files
 
 
-def prepare(builder, **kwargs) -> None:
+def prepare(builder, *, local: bool = False, **kwargs) -> None:
   """download_and_prepare, by process 0 first when several processes share one data_dir, then by the others
-  (which then find it built, or build their own copy on a host-local disk)."""
-  build = lambda: builder.download_and_prepare(**kwargs)  # noqa: E731
+  (which then find it built, or build their own copy on a host-local disk).
+
+  local: a dataset built from local files, whose "Downloading and preparing" banner TFDS prints is not shown. A build
+  that fails leaves nothing behind in the cache.
+  """
+  def build():
+    try:
+      with contextlib.redirect_stdout(io.StringIO()) if local else contextlib.nullcontext():
+        builder.download_and_prepare(**kwargs)
+    except BaseException:
+      _remove_partial_build(pathlib.Path(builder.data_dir))
+      raise
+
   if jax.process_count() == 1:
     return build()
-  from jax.experimental import multihost_utils
-
   if jax.process_index() == 0:
     build()
   multihost_utils.sync_global_devices(f"qsparse_jax: {builder.name} prepared")
   if jax.process_index() != 0:
     build()
+
+
+def _remove_partial_build(version_dir: pathlib.Path) -> None:
+  """Remove what a failed TFDS build left: its version folder, the temporary folders beside it, and the config and
+  dataset folders above them if they are left empty."""
+  if (version_dir / "dataset_info.json").exists():
+    return  # a complete build from before; not ours to remove
+  for leftover in [version_dir, *version_dir.parent.glob(f"{version_dir.name}.incomplete*")]:
+    shutil.rmtree(leftover, ignore_errors=True)
+  for folder in (version_dir.parent, version_dir.parent.parent):
+    try:
+      folder.rmdir()  # only when empty
+    except OSError:
+      break
 
 
 def tfds_split_source(cfg: DataConfig, split: str):
@@ -156,7 +217,7 @@ def text_source(cfg: DataConfig, split: str):
   else:
     raise ValueError(f"data.source must be 'python_stdlib', 'files' or 'tfds', got {cfg.source!r}")
   builder = TextFiles(corpus=corpus, files=files, validation_fraction=cfg.validation_fraction, data_dir=data_dir)
-  prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  prepare(builder, local=True, download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return builder.as_data_source(split=split)
 
 

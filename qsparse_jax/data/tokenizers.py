@@ -1,7 +1,8 @@
 """Tokenizers: byte-level (default, nothing to download), SentencePiece and Hugging Face tokenizer files.
 
-Each has `name`, `vocab_size`, `eos_id`, `encode(text) -> ids` (no special tokens added) and `decode(ids) -> text`;
-`make_tokenizer(spec)` builds one from a `data.tokenizer` string.
+Each has `name`, `vocab_size`, `eos_id`, `unit` (what one token is, for the loss's unit: "byte" for the byte-level
+tokenizer, whose loss is in nats/byte, else "token"), `encode(text) -> ids` (no special tokens added) and
+`decode(ids) -> text`; `make_tokenizer(spec)` builds one from a `data.tokenizer` string.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ class Tokenizer(Protocol):
   name: str
   vocab_size: int
   eos_id: int
+  unit: str
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -26,6 +28,7 @@ class ByteTokenizer:
   name = "byte"
   vocab_size = 257
   eos_id = 256
+  unit = "byte"
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
@@ -36,6 +39,8 @@ class ByteTokenizer:
 
 class SentencePieceTokenizer:
   """A SentencePiece model file (pip install sentencepiece)."""
+
+  unit = "token"
 
   def __init__(self, path: str):
     import sentencepiece  # optional dependency
@@ -54,6 +59,8 @@ class SentencePieceTokenizer:
 
 class HFTokenizer:
   """A Hugging Face tokenizer.json file (pip install tokenizers)."""
+
+  unit = "token"
 
   def __init__(self, path: str):
     import tokenizers  # optional dependency
@@ -82,3 +89,8 @@ def make_tokenizer(spec: str) -> Tokenizer:
     path = str(pathlib.Path(path).expanduser())
     return SentencePieceTokenizer(path) if kind == "sentencepiece" else HFTokenizer(path)
   raise ValueError(f"data.tokenizer must be 'byte', 'sentencepiece:PATH' or 'hf:PATH', got {spec!r}")
+
+
+def unit_of(spec: str) -> str:
+  """The unit of one token of the tokenizer `spec` names, without loading it: "byte" or "token"."""
+  return "byte" if spec == "byte" else "token"

@@ -53,8 +53,15 @@ class Checkpoint(Mapping[str, np.ndarray]):
     self.directory = pathlib.Path(directory)
     index = self.directory / INDEX
     if index.is_file():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SafetensorsError(f"{index} is not a safetensors index (a JSON object with a weight_map): {err}") from None
       files = sorted(set(weight_map.values()))
+      outside = [f for f in files if not isinstance(f, str) or pathlib.PurePosixPath(f).name != f]
+      if outside:
+        raise SafetensorsError(f"{index} names shard {outside[0]!r}, which is not a file name inside "
+                               f"{str(self.directory)!r}; shards must sit beside the index")
     elif (self.directory / SINGLE).is_file():
       files = [SINGLE]
     else:

@@ -12,6 +12,7 @@ only its own shard, so a model sharded over a mesh is never whole on one host.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import tempfile
@@ -171,6 +172,9 @@ def save_pretrained(directory: str | pathlib.Path, cfg: ModelConfig, params: nnx
         weight_map.update({name: file for name in shard})
       index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
       (staging / safetensors_io.INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    umask = os.umask(0)  # mkdtemp's folder is private (0700); the export gets a normal folder's mode
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     staging.rename(directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

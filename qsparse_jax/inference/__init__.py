@@ -3,4 +3,4 @@
 May import training and everything below it. `qsparse_jax.inference.load(run_dir)` loads a run.
 """
 
-from qsparse_jax.inference.loading import LoadedModel, load
+from qsparse_jax.inference.loading import LoadedModel, load, with_model

@@ -89,14 +89,10 @@ class Generation:
     return self.timed_tokens / self.seconds if self.seconds > 0 and self.timed_tokens else 0.0
 
 
-def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-             decode_text: Callable[[list[int]], str] | None = None, sparse: bool = True,
-             on_tokens: Callable[[list[int | None]], None] | None = None) -> Generation:
-  """Continue every prompt (token ids) by up to sampling.max_new_tokens tokens.
-
-  decode_text turns ids into text; it is needed to match sampling.stop. on_tokens is called after each step with
-  every row's new token (None for rows already stopped), for streaming.
-  """
+def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                  decode_text: Callable[[list[int]], str] | None = None) -> None:
+  """ValueError when generate could not serve the request: an empty prompt, prompts too long for the context, stop
+  sequences without decode_text."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token (an empty prompt has nothing to continue)")
   longest = max(map(len, prompts))
@@ -105,6 +101,18 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
                      f"context of {cfg.max_seq_len} tokens; shorten the prompt or ask for fewer tokens")
   if sampling.stop and decode_text is None:
     raise ValueError("stop sequences need decode_text to compare against")
+
+
+def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+             decode_text: Callable[[list[int]], str] | None = None, sparse: bool = True,
+             on_tokens: Callable[[list[int | None]], None] | None = None) -> Generation:
+  """Continue every prompt (token ids) by up to sampling.max_new_tokens tokens.
+
+  decode_text turns ids into text; it is needed to match sampling.stop. on_tokens is called after each step with
+  every row's new token (None for rows already stopped), for streaming.
+  """
+  check_request(cfg, prompts, sampling, decode_text=decode_text)
+  longest = max(map(len, prompts))
   b = len(prompts)
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   tokens = np.zeros((b, longest), np.int32)

@@ -38,7 +38,7 @@ PROJECTION_TYPES = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "out": ("o_proj",),
 class Evaluation:
   step: int
   tokens: int  # predicted tokens the figures are measured on
-  loss: float  # mean next-token cross-entropy, nats/token
+  loss: float  # mean next-token cross-entropy, nats per token
   sparsity: dict[str, float]  # measured, per projection type (PROJECTION_TYPES)
   configured: dict[str, float]  # the sparsity each type's site is set to (n:m sites: 1 − n/m)
   overall: float
@@ -52,15 +52,16 @@ class Evaluation:
   def as_json(self) -> dict:
     return {**dataclasses.asdict(self), "perplexity": self.perplexity}
 
-  def table(self) -> str:
-    """The Table 2 form: one row of measured sparsity per projection type, then the overall figures."""
+  def table(self, unit: str = "token") -> str:
+    """The Table 2 form: one row of measured sparsity per projection type, then the overall figures. unit: what one
+    token is (the tokenizer's unit: "byte" for the byte-level one)."""
     names = list(PROJECTION_TYPES)
     head = "".join(f"{n:>8}" for n in names) + f"{'overall':>9}{'activated':>12}"
     measured = "".join(f"{self.sparsity[n]:8.1%}" for n in names)
     configured = "".join(f"{self.configured[n]:8.1%}" for n in names)
     return "\n".join([
-        f"step {self.step}: validation loss {self.loss:.4f} nats/token, perplexity {self.perplexity:.2f} "
-        f"({self.tokens} tokens)",
+        f"step {self.step}: validation loss {self.loss:.4f} nats/{unit}, perplexity {self.perplexity:.2f} "
+        f"({self.tokens} {unit}s)",
         f"{'':>11}{head}",
         f"{'measured':>11}{measured}{self.overall:9.1%}{self.activated_params / 1e6:11.2f}M",
         f"{'configured':>11}{configured}",

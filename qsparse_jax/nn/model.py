@@ -22,7 +22,7 @@ from qsparse_jax.nn.feedforward import GLUFeedForward
 from qsparse_jax.nn.linear import logical_axes
 from qsparse_jax.nn.norm import RMSNorm
 from qsparse_jax.nn.rope import RopeScaling
-from qsparse_jax.ops import SparsityConfig
+from qsparse_jax.ops import SparsityConfig, keep_count
 from qsparse_jax.parallel.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -118,6 +118,16 @@ class ModelConfig:
               for name in ("qkv", "out", "up", "down")}
     except ValueError as err:
       raise ValueError(f"model: {err}") from None
+
+  def site_widths(self) -> dict[str, int]:
+    """The input width D of each sparsity site: q/k/v and up read the model width, out the heads' concatenation,
+    down the feed-forward width."""
+    return {"qkv": self.d_model, "out": self.num_heads * self.head_size, "up": self.d_model, "down": self.d_ff}
+
+  def site_keep_counts(self) -> dict[str, tuple[int, int]]:
+    """(D, K) of each top-K site: its input width and the entries it keeps, K = round((1 − S) D) (method.md §1)."""
+    return {name: (width, keep_count(width, getattr(self, f"sparsity_{name}")))
+            for name, width in self.site_widths().items()}
 
   def with_sparsity(self, sparsity: float) -> "ModelConfig":
     """The same model with one sparsity at all four sites (the paper's "top-K 70%" is sparsity 0.3)."""

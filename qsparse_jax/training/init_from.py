@@ -43,20 +43,25 @@ def load_initial_params(spec: str, cfg: ModelConfig, mesh: Mesh, *, tokenizer: s
     directory = spec[len("hf:"):]
     check_same_model(hf.from_hf(hf.read_config(directory)), cfg, spec)
     return hf.load_params(directory, cfg, mesh)
-  checkpointer = Checkpointer(checkpoint_dir(spec))
-  try:
-    stored = config_from_json(checkpointer.read_meta())
+  def check(meta: dict) -> bool:
+    stored = config_from_json(meta)
     check_same_model(stored.model, cfg, spec)
     if tokenizer is not None and stored.data.tokenizer != tokenizer:
       raise ValueError(f"train.init_from={spec!r} was trained with data.tokenizer={stored.data.tokenizer!r}, this "
                        f"config uses {tokenizer!r}")
-    tx = make_optimizer(stored.train)  # the stored state holds that run's Adam moments; they are restored, then dropped
+    return False
+
+  def abstract_for(meta: dict):
+    stored = config_from_json(meta)
+    tx = make_optimizer(stored.train)  # the stored state holds that run's Adam moments; restored, then dropped
     _, params = nnx.split(nnx.eval_shape(lambda: Transformer(stored.model, rngs=nnx.Rngs(0))))
     abstract = {"step": jax.ShapeDtypeStruct((), "int32"), "params": params,
                 "opt_state": jax.eval_shape(tx.init, params)}
     shardings = sharding.train_state_shardings(abstract, tx, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    state, _ = checkpointer.restore(abstract)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+  checkpointer = Checkpointer(checkpoint_dir(spec), read_only=True)
+  try:
+    return checkpointer.restore_newest(abstract_for, check_meta=check).state["params"]
   finally:
     checkpointer.close()
-  return state["params"]

@@ -9,6 +9,7 @@ import json
 import pathlib
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -109,7 +110,14 @@ class _Metrics:
     self._tb.close()
 
 
-def _check_resumable(meta: dict, config: Config, run_dir: pathlib.Path) -> None:
+# The data fields that fix the stream of batches; a resume with any of them changed restarts the stream.
+DATA_STREAM_FIELDS = ("format", "source", "paths", "tfds_name", "tfds_text_key", "validation_fraction", "seq_len",
+                      "shuffle_seed", "chat_template", "tokenizer")
+
+
+def _check_resumable(meta: dict, config: Config, run_dir: pathlib.Path) -> bool:
+  """Raise CheckpointMismatchError when a stored run is not this config's model (or tokenizer); return whether its
+  data position still means something (False, with a warning, when the data changed since)."""
   stored_model, stored_tok = meta.get("model", {}), meta.get("data", {}).get("tokenizer")
   current = meta_json(config)
   for field, value in current["model"].items():
@@ -120,11 +128,71 @@ def _check_resumable(meta: dict, config: Config, run_dir: pathlib.Path) -> None:
   if stored_tok is not None and stored_tok != config.data.tokenizer:
     raise CheckpointMismatchError(f"checkpoint in {run_dir} was written with data.tokenizer={stored_tok!r}, this "
                                   f"config has {config.data.tokenizer!r}")
+  stored_data = meta.get("data", {})
+  changed = [f for f in DATA_STREAM_FIELDS if f in stored_data and stored_data[f] != current["data"][f]]
+  if changed:
+    warnings.warn(f"the data changed since the checkpoint in {run_dir} (data.{changed[0]} was "
+                  f"{stored_data[changed[0]]!r}, now {current['data'][changed[0]]!r}): the data stream starts from "
+                  "its beginning", DataChangeWarning, stacklevel=3)
+  return not changed
+
+
+class DataChangeWarning(UserWarning):
+  """A run resumed on other data than its checkpoint was written with."""
+
+
+class SiteWarning(UserWarning):
+  """A sparsity that keeps no entry of a site's input (K = 0)."""
+
+
+def _warn_empty_sites(mc) -> None:
+  if mc.block is not None or mc.sparsifier != "topk":
+    return
+  for site, (width, keep) in mc.site_keep_counts().items():
+    if keep == 0:
+      warnings.warn(f"model.sparsity_{site}={getattr(mc, f'sparsity_{site}')} keeps K = 0 of the {width} entries at "
+                    f"the {site} site: its projections see only zeros", SiteWarning, stacklevel=3)
+
+
+def _finished(run_dir: pathlib.Path, config: Config) -> dict | None:
+  """The final metrics of a run already trained to config.train.steps (or beyond), else None."""
+  path = run_dir / "final_metrics.json"
+  if not path.is_file():
+    return None
+  try:
+    final = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None  # unreadable: the run is resumed from its checkpoints and the file written again at the end
+  if not isinstance(final, dict) or not isinstance(final.get("step"), int) or final["step"] < config.train.steps:
+    return None
+  checkpoints = run_dir / "checkpoints"
+  if checkpoints.is_dir():  # a finished run of another model is refused, as a resume would be
+    reader = Checkpointer(checkpoints, read_only=True)
+    try:
+      _check_resumable(reader.read_meta(), config, run_dir)
+    finally:
+      reader.close()
+  return final
+
+
+def _logged(run_dir: pathlib.Path, step: int) -> dict[str, Any]:
+  """The last loss, gradient norm and validation loss that metrics.jsonl holds up to step (a resumed run's start)."""
+  last: dict[str, Any] = {"step": step}
+  path = run_dir / "metrics.jsonl"
+  if path.is_file():
+    for line in path.read_text().splitlines():
+      record = json.loads(line) if line.strip() else {}
+      if record.get("step", step + 1) <= step:
+        last.update({k: v for k, v in record.items() if k != "step"})
+  return last
 
 
 def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int | None = None) -> dict[str, Any]:
   """Train (or resume) the run described by config; returns the final metrics.
 
+  A run already trained to train.steps is not touched: its final metrics are returned as they are. A run trained
+  to fewer steps than train.steps continues from its newest checkpoint that restores (the learning-rate schedule is
+  the one of the new train.steps).
   stop_after: end this invocation after that many steps of its own (checkpointing as usual), as a preempted job
   would; calling train again resumes from the latest checkpoint.
 
@@ -136,11 +204,17 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
   if not main_process:
     log = lambda _: None  # noqa: E731
   run_dir = pathlib.Path(tc.out_dir).expanduser()
-  run_dir.mkdir(parents=True, exist_ok=True)
+  if (final := _finished(run_dir, config)) is not None:
+    unit = f"nats/{tokenizers.unit_of(dc.tokenizer)}"
+    log(f"{run_dir} is complete: step {final['step']}, train loss {final.get('loss', float('nan')):.4f}, "
+        f"validation loss {final.get('val_loss', float('nan')):.4f} {unit}; raise train.steps to train it further")
+    return final
+  _warn_empty_sites(mc)
   tokenizer = tokenizers.make_tokenizer(dc.tokenizer)
   if tokenizer.vocab_size > mc.vocab_size:
     raise ValueError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's vocabulary "
                      f"({tokenizer.name}: {tokenizer.vocab_size})")
+  unit = f"nats/{tokenizer.unit}"
 
   mesh = sharding.make_mesh(config.mesh)
   shard_index, shard_count = sharding.process_batch_rows(mesh, tc.batch_size)
@@ -156,19 +230,29 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
                        process_index=shard_index, process_count=shard_count)
   train_iter = iter(inputs.train)
 
+  def global_batch(local):
+    return jax.tree.map(lambda rows: sharding.make_global_batch(rows, mesh, tc.batch_size), local)
+
+  def evaluate(params):
+    return float(np.mean([float(eval_step(params, global_batch(b))) for b in inputs.validation]))
+
+  run_dir.mkdir(parents=True, exist_ok=True)
   checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
   meta = meta_json(config)
-  if checkpointer.latest_step() is not None:
-    _check_resumable(checkpointer.read_meta(), config, run_dir)
+  initial_eval = False
+  if checkpointer.all_steps():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, _ = checkpointer.restore(abstract)
-    log(f"resumed from {checkpointer.directory} at step {int(state['step'])}")
-    if (why := checkpointer.restore_data_iterator(train_iter)) is not None:
-      log(f"the data stream restarts from its beginning: {why}")
+    restored = checkpointer.restore_newest(abstract, check_meta=lambda m: _check_resumable(m, config, run_dir),
+                                           data_iterator=train_iter, move_damaged=True)
+    state = restored.state
+    log(f"resumed from {checkpointer.directory} at step {restored.step}")
+    if restored.data_note is not None:
+      log(f"the data stream restarts from its beginning: {restored.data_note}")
   elif tc.init_from:
     params = init_from.load_initial_params(tc.init_from, mc, mesh, tokenizer=dc.tokenizer)
     state = {**state, "params": jax.device_put(params, state_shardings["params"])}
     log(f"parameters from {tc.init_from} (the optimizer starts fresh)")
+    initial_eval = True
 
   counts = count_params(mc)
   log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
@@ -179,18 +263,17 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
   log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} x tensor {mesh.shape['tensor']} over "
       f"{mesh.size} {jax.devices()[0].platform} devices in {jax.process_count()} process(es)")
 
-  metrics_out = _Metrics(run_dir, int(state["step"]), enabled=main_process)
-  progress = _Progress(tc.steps, tc.progress and main_process)
   step = int(state["step"])
+  last = _logged(run_dir, step) if main_process else {"step": step}
+  metrics_out = _Metrics(run_dir, step, enabled=main_process)
+  progress = _Progress(tc.steps, tc.progress and main_process)
   tokens_per_step = tc.batch_size * dc.seq_len
-  last = {"step": step}
+  if initial_eval:  # what switching on this config's sparsity costs the pretrained weights, before any update
+    last["val_loss"] = evaluate(state["params"])
+    metrics_out.write(0, {"val_loss": last["val_loss"]})
+    log(f"step 0: validation loss {last['val_loss']:.4f} {unit} (the weights of {tc.init_from} with this config's "
+        "sparsity)")
   window_start, window_steps = time.perf_counter(), 0
-
-  def global_batch(local):
-    return jax.tree.map(lambda rows: sharding.make_global_batch(rows, mesh, tc.batch_size), local)
-
-  def evaluate(params):
-    return float(np.mean([float(eval_step(params, global_batch(b))) for b in inputs.validation]))
 
   stop_at = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
   try:
@@ -204,15 +287,15 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
         elapsed = time.perf_counter() - window_start
         tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
         progress.update(step, loss, tokens_per_s, (tc.steps - step) * elapsed / window_steps)
-        last = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
-                "learning_rate": float(schedule(step))}
-        metrics_out.write(step, {k: v for k, v in last.items() if k != "step"})
+        last = {**last, "step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                "tokens_per_s": tokens_per_s, "learning_rate": float(schedule(step))}
+        metrics_out.write(step, {k: v for k, v in last.items() if k not in ("step", "val_loss")})
         window_start, window_steps = time.perf_counter(), 0
       if step % tc.eval_every == 0 or step == tc.steps:
         last["val_loss"] = evaluate(state["params"])
         metrics_out.write(step, {"val_loss": last["val_loss"]})
         progress.close()
-        log(f"step {step}: validation loss {last['val_loss']:.4f} nats/token")
+        log(f"step {step}: validation loss {last['val_loss']:.4f} {unit}")
         window_start = time.perf_counter()
       if step % tc.checkpoint_every == 0 or step == tc.steps:
         checkpointer.save(step, state, data_iterator=train_iter, meta=meta, force=step == tc.steps)
@@ -221,11 +304,12 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
     checkpointer.close()
     metrics_out.close()
 
+  last["step"] = step
   if step < tc.steps:
     log(f"stopped at step {step} of {tc.steps}; run again to resume")
     return last
   if tc.sample_tokens > 0:
-    prompt = tc.sample_prompt
+    prompt = tc.sample_prompt or inputs.sample_prompt
     if dc.format == "instructions":  # ask as the fine-tuning data asks
       prompt = chat.generation_prompt(prompt, chat.get_template(dc.chat_template))
     sample = generate(graphdef, state["params"], tokenizer.encode(prompt), tc.sample_tokens, max_len=dc.seq_len,
@@ -234,4 +318,6 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
     log("sample:\n" + last["sample"])
   if main_process:
     (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2))
+  log(f"final: step {step}, train loss {last.get('loss', float('nan')):.4f}, validation loss "
+      f"{last.get('val_loss', float('nan')):.4f} {unit}")
   return last
