@@ -120,9 +120,8 @@ def compiler_params(dimension_semantics: tuple[str, ...], vmem_limit_bytes: int 
   return pltpu.CompilerParams(dimension_semantics=dimension_semantics, **kwargs)
 
 
-def interpret_mode(interpret: bool, *, legacy: bool = False):
-  """The `interpret` argument of pl.pallas_call: False (Mosaic), or the TPU interpreter; legacy=True takes Pallas's
-  generic interpreter, which also runs DMAs through bitcast HBM references (sparse_matvec's 16-bit path)."""
-  if not interpret:
-    return False
-  return True if legacy else pltpu.InterpretParams()
+def interpret_mode(interpret: bool) -> bool:
+  """The `interpret` argument of pl.pallas_call: False (Mosaic) or True, Pallas's HLO interpreter. Not the TPU
+  interpreter (pltpu.InterpretParams): its callbacks are effects, which a `lax.platform_dependent` branch may not
+  have, and it does not run DMAs through bitcast HBM references (sparse_matvec's 16-bit path)."""
+  return bool(interpret)

@@ -1,7 +1,8 @@
 """Public entry: sparse_matvec(values, indices, W) and the (values, indices) form of a top-K sparsified input.
 
-Backends (pallas_kernels.dispatch): "pallas" is the Mosaic TPU row-gather kernel (kernel.py); "xla" is plain JAX.
-On the CPU the XLA path is a fast path of its own: a scan over chunks of `chunk` kept activations whose body is one
+Backends (pallas_kernels.dispatch.select): on a TPU the Mosaic row-gather kernel (kernel.py) for the inputs
+`kernel_supported` accepts (or backend="pallas"), elsewhere plain JAX. On the CPU the XLA path is a fast path of its
+own: a scan over chunks of `chunk` kept activations whose body is one
 fused loop, y += Σ_j v_j · W[i_j, :], so each selected row streams through the cache once with no gathered copy
 (`jnp.take` of the rows and then a dot writes and re-reads them, and is slower than the dense matvec).
 """
@@ -15,10 +16,23 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import dispatch
-from pallas_kernels.sparse_matvec.kernel import sparse_matvec_pallas
+from pallas_kernels.sparse_matvec.kernel import BlockSizes, padded_k, sparse_matvec_pallas
 from qsparse_jax.ops.selection import mask_from_thresholds, row_thresholds
 
 PALLAS_PLATFORMS = ("tpu",)
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
+MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per core on v5p and v6e)
+
+
+def kernel_supported(values_shape: tuple[int, ...], w_shape: tuple[int, ...], w_dtype) -> bool:
+  """Whether "auto" runs the kernel on a TPU: W float32 or bfloat16 with N a multiple of 128 (and D even for
+  bfloat16, whose rows are copied in pairs), and B x K indices that fit in SMEM (compiled for v5p and v6e at decode
+  shapes in tests/test_tpu_compile.py)."""
+  b, k = values_shape
+  d, n_out = w_shape
+  dtype = jnp.dtype(w_dtype)
+  return (dtype in map(jnp.dtype, KERNEL_DTYPES) and n_out % dispatch.LANES == 0
+          and (dtype.itemsize == 4 or d % 2 == 0) and b * padded_k(k, dispatch.LANES) <= MAX_PREFETCH_INDICES)
 
 
 def _running_count(mask_bd: jax.Array, block: int = 64) -> jax.Array:
@@ -85,29 +99,42 @@ def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, *, chunk: int) -> t
   return ys
 
 
-def _block(size: int, candidates: tuple[int, ...]) -> int:
-  return next((c for c in candidates if size % c == 0), size)
+def _kernel_matvecs(values_bk, indices_bk, ws_dn, *, block_sizes, interpret):
+  """float32 [B, N_w] per W from the kernel: K padded with zeros at row 0; 16-bit W read as word pairs."""
+  k = values_bk.shape[1]
+  out = []
+  for w_dn, bs in zip(ws_dn, block_sizes):
+    pad = ((0, 0), (0, padded_k(k, bs.block_k) - k))
+    values, indices = jnp.pad(values_bk.astype(w_dn.dtype), pad), jnp.pad(indices_bk.astype(jnp.int32), pad)
+    if jnp.dtype(w_dn.dtype).itemsize == 2:  # value j at 2j + (i mod 2), row i in word row i // 2 (kernel.py)
+      odd = (indices & 1) == 1
+      zero = jnp.zeros_like(values)
+      values = jnp.stack([jnp.where(odd, zero, values), jnp.where(odd, values, zero)], axis=-1)
+      values, indices = values.reshape(values.shape[0], -1), indices >> 1
+    out.append(sparse_matvec_pallas(values, indices, w_dn, block_sizes=bs, interpret=interpret))
+  return tuple(out)
 
 
 def sparse_matvec(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array, *, backend: str = "auto",
-                  chunk: int = 16) -> jax.Array:
+                  chunk: int = 16, block_sizes: BlockSizes | None = None) -> jax.Array:
   """y [B, N] = (x ⊙ M) W from the kept entries of each row of x: values_bk [B, K] at indices_bk [B, K] in [0, D).
 
   Reads only the K selected rows of W [D, N] per batch row (method.md §1: the projection of a top-K sparsified
   input). Small batches (B up to 16) each keep their own entries. Accumulates in float32; returns the dtype of
   values and W promoted. Indices must be in range (they are not checked inside jit).
   """
-  (y_bn,) = sparse_matvecs(values_bk, indices_bk, (w_dn,), backend=backend, chunk=chunk)
+  (y_bn,) = sparse_matvecs(values_bk, indices_bk, (w_dn,), backend=backend, chunk=chunk, block_sizes=block_sizes)
   return y_bn
 
 
 def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backend: str = "auto",
-                   chunk: int | None = None) -> tuple[jax.Array, ...]:
+                   chunk: int | None = None, block_sizes=None) -> tuple[jax.Array, ...]:
   """(x ⊙ M) W for each W [D, N_w] in ws_dn, the projections that read one sparsified input (q, k and v; gate and
   up). The CPU fast path streams the selected row of every W in one pass; the kernel runs once per W.
 
   chunk: kept entries per scan step of the CPU path; by default 16 for one W and 8 for several (rows streamed at
   once; measured best for a 100M model's decode step, where 16 rows of three matrices slowed the stream).
+  block_sizes: the kernel's tiles, one BlockSizes for every W or one per W (default: per chip, fitted to each W).
   """
   ws_dn = tuple(ws_dn)
   if chunk is None:
@@ -119,14 +146,16 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   if len({w.shape[0] for w in ws_dn}) != 1:
     raise ValueError(f"every W must have the same input size D, got shapes {[w.shape for w in ws_dn]}")
   out_dtypes = [jnp.promote_types(values_bk.dtype, w.dtype) for w in ws_dn]
-  impl, interpret = dispatch.resolve(backend, pallas_platforms=PALLAS_PLATFORMS)
-  if impl == "xla":
-    ys = _xla_sparse_matvecs(values_bk, indices_bk, ws_dn, chunk=chunk)
-    return tuple(y.astype(t) for y, t in zip(ys, out_dtypes))
-  k = values_bk.shape[1]
-  bk = min(128, -(-k // 8) * 8)
-  padded = -(-k // bk) * bk
-  values = jnp.pad(values_bk, ((0, 0), (0, padded - k)))
-  indices = jnp.pad(indices_bk, ((0, 0), (0, padded - k)))
-  return tuple(sparse_matvec_pallas(values, indices, w, bk=bk, bn=_block(w.shape[1], (2048, 1024, 512, 256, 128)),
-                                    interpret=interpret).astype(t) for w, t in zip(ws_dn, out_dtypes))
+  dispatch.check(backend)
+  if block_sizes is None:
+    block_sizes = tuple(BlockSizes.get_default(values_bk.shape[1], w.shape[1], chip=dispatch.chip_name())
+                        for w in ws_dn)
+  elif isinstance(block_sizes, BlockSizes):
+    block_sizes = (block_sizes,) * len(ws_dn)
+  if len(block_sizes) != len(ws_dn) or not all(isinstance(bs, BlockSizes) for bs in block_sizes):
+    raise ValueError(f"block_sizes must be a sparse_matvec BlockSizes or one per W, got {block_sizes!r}")
+  ys = dispatch.select(
+      backend, functools.partial(_kernel_matvecs, block_sizes=tuple(block_sizes)),
+      lambda v, i, ws: _xla_sparse_matvecs(v, i, ws, chunk=chunk), values_bk, indices_bk, ws_dn,
+      kernel_ok=all(kernel_supported(values_bk.shape, w.shape, w.dtype) for w in ws_dn))
+  return tuple(y.astype(t) for y, t in zip(ys, out_dtypes))

@@ -33,14 +33,15 @@ def logical_axes(axes: tuple[str | None, ...]) -> dict:
 
 
 def sparsify_site(x: jax.Array, site: SparsityConfig, kernels: str = "auto") -> jax.Array:
-  """sparsify(x, site), through the Pallas top-K kernel when `kernels` selects Pallas for a plain top-K site.
+  """sparsify(x, site), through pallas_kernels.topk for a plain top-K site when `kernels` may select its kernel.
 
-  kernels: "auto" (Pallas where a kernel is compiled for the platform, plain JAX on the CPU), "xla" or "pallas"
-  (pallas_kernels.dispatch). Sites with n:m blocks, int8 activations or the L2 rescale use the plain-JAX operators.
+  kernels: "auto" (the kernel where the program is compiled for a TPU and topk's `kernel_supported` accepts x, the
+  plain-JAX path otherwise: the same values and gradients), "xla" or "pallas" (pallas_kernels.dispatch). Sites
+  with n:m blocks, int8 activations or the L2 rescale use the plain-JAX operators.
   """
   k = keep_count(x.shape[-1], site.sparsity)
   if 0 < k < x.shape[-1] and site.block is None and site.act_bits is None and not site.l2_rescale:
-    if dispatch.resolve(kernels, pallas_platforms=topk_ops.PALLAS_PLATFORMS)[0] == "pallas":
+    if kernels == "pallas" or (kernels == "auto" and topk_ops.kernel_supported(x.shape, x.dtype)):
       return topk_ops.topk_sparsify(x, k, gradient=site.gradient, backend=kernels)
   return sparsify(x, site)
 
@@ -102,8 +103,10 @@ class SparseLinear(nnx.Linear):
     l2_rescale: see `topk_sparsify`.
     method: "topk", or "relu" for the ablation that sparsifies the input by ReLU instead (SparsityConfig).
     kernel_axes: logical axis names of the [in, out] kernel, default ("embed", "mlp"); the bias gets the second.
-    kernels: "auto" | "xla" | "pallas", which implementation of the sparse core to use (see `sparsify_site`); with
-      Pallas selected, an n:m site multiplies through the nm_matmul kernel.
+    kernels: "auto" | "xla" | "pallas", which implementation of the sparse core to use (see `sparsify_site`); an
+      n:m site without act_bits or the L2 rescale multiplies through pallas_kernels.nm_matmul under "pallas", and
+      under "auto" where nm_matmul's `kernel_supported` accepts the shapes (its kernel on a TPU, XLA elsewhere,
+      with the site's gradient rule either way).
 
   Input [..., in_features] -> output [..., out_features]. Parameters are `kernel` [in, out] and `bias` [out], named
   as in nnx.Linear, so state moves between the two unchanged.
@@ -121,14 +124,23 @@ class SparseLinear(nnx.Linear):
     super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
     if site.block is not None and in_features % site.block[1]:
       raise ValueError(f"block m={site.block[1]} must divide in_features={in_features}")
-    dispatch.resolve(kernels, pallas_platforms=())  # validate the name now
+    dispatch.check(kernels)  # validate the name now
     self.site = site
     self.ternary_weights = ternary_weights
     self.kernels = kernels
 
+  def _n_m_kernel(self, inputs: jax.Array) -> bool:
+    """Whether this call multiplies through pallas_kernels.nm_matmul (see the class docstring)."""
+    if self.site.block is None or self.site.act_bits is not None or self.site.l2_rescale or self.is_packed:
+      return False
+    if self.kernels != "auto":
+      return self.kernels == "pallas"
+    w = self.kernel[...]
+    dtype = self.dtype or jnp.promote_types(inputs.dtype, w.dtype)
+    return nm_ops.kernel_supported(inputs.shape, w.shape, dtype, dtype, self.site.block[1])
+
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    n_m_kernel = (self.site.block is not None and self.site.act_bits is None and not self.is_packed
-                  and dispatch.resolve(self.kernels, pallas_platforms=nm_ops.PALLAS_PLATFORMS)[0] == "pallas")
+    n_m_kernel = self._n_m_kernel(inputs)
     x = inputs if n_m_kernel else sparsify_site(inputs, self.site, self.kernels)
     if getattr(self, "__captures__", None) is not None:  # inside nnx.capture (inference.evaluation): count zeros
       seen = sparsify_site(inputs, self.site, "xla") if n_m_kernel else x
@@ -140,7 +152,7 @@ class SparseLinear(nnx.Linear):
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
     if n_m_kernel:  # Block Q-Sparse: the mask is made tile by tile inside the matmul
-      y = nm_ops.nm_matmul(x, kernel, *self.site.block, backend=self.kernels)
+      y = nm_ops.nm_matmul(x, kernel, *self.site.block, gradient=self.site.gradient, backend=self.kernels)
     else:
       kwargs = {"out_sharding": out_sharding}
       if self.preferred_element_type is not None:
