@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import dispatch
-from pallas_kernels.sparse_matvec import sparse_matvec, sparse_matvecs, topk_values_indices
+from pallas_kernels.sparse_matvec import BlockSizes, sparse_matvec, sparse_matvecs, topk_values_indices
 from pallas_kernels.sparse_matvec.ops import kept_indices
 from pallas_kernels.sparse_matvec.reference import sparse_matvec_reference
 
@@ -115,3 +115,31 @@ def test_auto_picks_the_xla_path_on_cpu_and_the_kernel_on_tpu():
   assert dispatch.resolve("auto", pallas_platforms=("tpu",)) == (
       ("pallas", False) if jax.default_backend() == "tpu" else ("xla", False))
   assert dispatch.resolve("pallas", pallas_platforms=("tpu",))[1] == (jax.default_backend() != "tpu")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_tiles_and_row_pairs(dtype):
+  """Two K blocks and three column blocks; bfloat16 rows are read as 32-bit word pairs, so odd and even rows,
+  neighbours kept together and the last row must each land on their own value."""
+  rng = np.random.default_rng(5)
+  d, n, b = 300, 384, 3
+  w = jnp.asarray(rng.standard_normal((d, n)), dtype)
+  rows = [np.sort(rng.choice(d, 200, replace=False)) for _ in range(b - 1)] + [np.arange(100, 300)]
+  indices = jnp.asarray(np.stack(rows).astype(np.int32))  # the last row keeps adjacent pairs and row D - 1
+  values = jnp.asarray(rng.standard_normal((b, 200)), dtype)
+  y = sparse_matvec(values, indices, w, backend="pallas", block_sizes=BlockSizes(block_k=128, block_n=128))
+  want = np_sparse_matvec(values.astype(jnp.float32), indices, w.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, **TOLERANCE[dtype])
+
+
+def test_block_sizes_are_validated():
+  values, indices, w = random_problem(0, 1, 320, 256, 200, jnp.float32)
+  with pytest.raises(ValueError, match=r"block_k must be a positive multiple of 128 \(the lane tile of values\)"):
+    sparse_matvec(values, indices, w, backend="pallas", block_sizes=BlockSizes(block_k=64, block_n=128))
+  with pytest.raises(ValueError, match=r"block_n must be a positive multiple of 128 \(the lane tile\), got 96"):
+    sparse_matvec(values, indices, w, backend="pallas", block_sizes=BlockSizes(block_k=128, block_n=96))
+  with pytest.raises(ValueError, match="block_k must be a positive multiple of 8"):
+    BlockSizes(block_k=12, block_n=128)
+  # 11008 = 43 x 256: the largest multiple of 128 up to v5p's 2048 that divides it is 256.
+  assert BlockSizes.get_default(1638, 11008, chip="v5p") == BlockSizes(128, 256)
+  assert BlockSizes.get_default(20, 4096) == BlockSizes(24, 1024)  # K below a block: all of it, padded to 8

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qsparse_jax as qs
-from pallas_kernels.ternary_matmul import pack_ternary, ternary_matmul, unpack_ternary
+from pallas_kernels.ternary_matmul import BlockSizes, pack_ternary, ternary_matmul, unpack_ternary
 from pallas_kernels.ternary_matmul.reference import ternary_matmul_reference
 
 
@@ -61,3 +61,23 @@ def test_leading_axes_and_bad_input():
     ternary_matmul(codes, scale[..., 0], packed, 0.5)
   with pytest.raises(ValueError, match="D a multiple of 4"):
     pack_ternary(jnp.zeros((6, 2), jnp.int8))
+
+
+def test_kernel_tiles_with_q_not_a_multiple_of_128():
+  """D = 4 x 160 (Q = 160, like D = 11008's Q = 2752: whole-Q blocks), N = 256 in two column blocks, T = 40 padded to
+  the int8 row tile of 32."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((40, 640)), jnp.float32)
+  codes, act_scale = qs.absmax_quantize(x, 8)
+  w_codes, w_scale = qs.absmean_ternary(jnp.asarray(rng.standard_normal((640, 256)), jnp.float32))
+  bs = BlockSizes(block_t=32, block_n=128, block_q=160)
+  y = ternary_matmul(codes, act_scale, pack_ternary(w_codes), w_scale, backend="pallas", block_sizes=bs)
+  acc = np.asarray(codes, np.int64) @ np.asarray(w_codes, np.int64)
+  want = acc.astype(np.float32) * (np.float32(w_scale) / np.asarray(act_scale, np.float32))
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-6, atol=1e-6)  # integer sums: exact, then one scaling
+  with pytest.raises(ValueError, match=r"block_t must be a positive multiple of 32 \(the sublane tile of the int8"):
+    ternary_matmul(codes, act_scale, pack_ternary(w_codes), w_scale, backend="pallas",
+                   block_sizes=BlockSizes(block_t=8, block_n=128, block_q=160))
+  with pytest.raises(ValueError, match=r"block_q must be a positive multiple of 128 \(the lane tile\), got 32"):
+    ternary_matmul(codes, act_scale, pack_ternary(w_codes), w_scale, backend="pallas",
+                   block_sizes=BlockSizes(block_t=32, block_n=128, block_q=32))

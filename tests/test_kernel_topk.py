@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.topk import topk_sparsify, topk_sparsify_int8
+import qsparse_jax as qs
+from pallas_kernels.topk import BlockSizes, topk_sparsify, topk_sparsify_int8
 from pallas_kernels.topk.reference import topk_sparsify_int8_reference, topk_sparsify_reference
+from qsparse_jax.ops.selection import keeps, kth_thresholds, magnitude_key, zero_key_bits
 
 BACKENDS = ("xla", "pallas")
 
@@ -91,3 +93,64 @@ def test_bad_input_is_named():
     topk_sparsify(jnp.ones((2, 8), jnp.int32), 3)
   with pytest.raises(ValueError, match="gradient must be 'ste' or 'masked'"):
     topk_sparsify(jnp.ones((2, 8)), 3, gradient="relu")
+
+
+def relu2_rows(seed, rows, d, dtype):
+  """ReLU(z)² rows as at a ReLU² down projection: about half of every row is exactly 0."""
+  z = np.random.default_rng(seed).standard_normal((rows, d))
+  return jnp.asarray(np.maximum(z, 0) ** 2, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gradient", ["ste", "masked"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gradients_agree_on_rows_with_fewer_than_k_nonzeros(backend, gradient, dtype):
+  """K above the non-zeros of a row: the mask also keeps its first zeros (ties to the lower index). The masked
+  gradient must use that exact mask on every backend, and agree with the library's qsparse_jax.topk_sparsify."""
+  x = relu2_rows(7, 16, 256, dtype)
+  k = 180  # about 128 non-zeros per row
+  assert int(np.max(np.sum(np.asarray(x, np.float32) != 0, axis=1))) < k
+  g = jnp.asarray(np.random.default_rng(8).standard_normal((16, 256)), dtype)
+  y, vjp = jax.vjp(lambda v: topk_sparsify(v, k, gradient=gradient, backend=backend), x)
+  (dx,) = vjp(g)
+  want_y, mask = np_topk_sparsify(x, k)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want_y, np.float32))
+  want = np.asarray(g, np.float32) if gradient == "ste" else np.where(mask, np.asarray(g, np.float32), 0)
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), want)
+  # A y != 0 mask would drop the kept zeros' cotangents: make sure this input tells the two apart.
+  assert gradient == "ste" or np.any(mask & (np.asarray(x) == 0))
+  library = jax.vjp(lambda v: qs.topk_sparsify(v, 1 - k / 256, gradient=gradient), x)[1](g)[0]
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(library, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_search_and_library_search_select_the_same_entries(dtype):
+  """selection.kth_thresholds (the kernel's fixed-step search) and row_thresholds (the XLA path's, with early
+  stops) give thresholds whose masks (selection.keeps) are the stable-sort top-K, ties and zeros included."""
+  rng = np.random.default_rng(11)
+  x = np.concatenate([rng.standard_normal((6, 200)), rng.choice([-2.0, -1.0, 0.0, 1.0, 2.0], (6, 200)),
+                      np.asarray(relu2_rows(3, 6, 200, jnp.float32))])
+  x = jnp.asarray(x, dtype)
+  key = magnitude_key(x)
+  pos = jax.lax.broadcasted_iota(jnp.int32, key.shape, 1)
+  for k in (1, 37, 120, 199):
+    _, want = np_topk_sparsify(x, k)
+    tau_key, last = kth_thresholds(key, k, zero_bits=zero_key_bits(dtype))
+    np.testing.assert_array_equal(np.asarray(keeps(key, pos, tau_key, last)), want)
+    np.testing.assert_array_equal(np.asarray(qs.topk_mask(x, k)), want)
+
+
+def test_block_sizes_follow_the_dtype_tiling():
+  x = draw(0, (40, 256), jnp.float32, ties=True)
+  y = topk_sparsify(x, 90, backend="pallas", block_sizes=BlockSizes(16))  # 40 rows: 3 steps, 8 rows of padding
+  np.testing.assert_array_equal(np.asarray(y), np_topk_sparsify(x, 90)[0])
+  with pytest.raises(ValueError, match=r"block_rows must be a positive multiple of 16 \(the sublane tile of bfloat16"):
+    topk_sparsify(x.astype(jnp.bfloat16), 90, backend="pallas", block_sizes=BlockSizes(8))
+  with pytest.raises(ValueError, match=r"block_rows must be a positive multiple of 32 \(the sublane tile of float32 and "
+                                       r"int8"):
+    topk_sparsify_int8(x, 90, backend="pallas", block_sizes=BlockSizes(16))
+  with pytest.raises(ValueError, match="block_rows must be a positive multiple of 1"):
+    BlockSizes(0)
+  assert BlockSizes.get_default(jnp.bfloat16, 4096).block_rows == 16
+  assert BlockSizes.get_default(jnp.float32, 4096, int8=True).block_rows == 32
+  assert BlockSizes.get_default(jnp.float32, 4096, chip="v6e").block_rows == 32
