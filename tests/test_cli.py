@@ -156,13 +156,42 @@ def test_eval_prints_table_2_and_json_equal_to_the_library(trained_run, tmp_path
   assert figures["sparsity"] == pytest.approx(want.sparsity, abs=1e-9)
   assert figures["activated_params"] == pytest.approx(want.activated_params, rel=1e-9)
   lines = result.stdout.splitlines()
-  assert lines[0].startswith(f"step 3: validation loss {want.loss:.4f} nats/token")
+  assert lines[0].startswith(f"step 3: validation loss {want.loss:.4f} nats/byte")
   assert lines[1].split() == ["q/k/v", "out", "up", "gate", "down", "overall", "activated"]
   assert lines[2].split()[1:6] == [f"{want.sparsity[t]:.1%}" for t in evaluation.PROJECTION_TYPES]
   bad = [  # (a missing checkpoint directory goes through the same inference.load as generate's, tested there)
       (["--checkpoint", str(trained_run), "train.steps=3"],
-       "eval takes only data.* overrides (the text to measure on), got 'train.steps=3'"),
+       "eval takes data.* overrides (the text to measure on) and model.* sparsity overrides (e.g. model.sparsity=0 "
+       "for the dense loss), got 'train.steps=3'"),
+      (["--checkpoint", str(trained_run), "model.d_ff=128"],
+       "model.d_ff=128 differs from the checkpoint's 64: that field fixes the weights; only the Q-Sparse settings "
+       "(model.sparsity*, gradient, block, act_bits, ternary_weights, kernels) can change"),
   ]
   for args, message in bad:
     failed = run_cli("eval", *args)
     assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [f"qsparse eval: error: {message}"]
+
+
+def test_eval_at_another_sparsity_measures_the_same_weights_dense(trained_run, tmp_path):
+  """`model.sparsity=0`: the checkpoint's weights with top-K off at every site, as a dense Transformer built here
+  computes them."""
+  from flax import nnx
+
+  from qsparse_jax import inference
+  from qsparse_jax.inference import evaluation
+  from qsparse_jax.nn.model import Transformer
+
+  out = tmp_path / "dense.json"
+  result = run_cli("eval", "--checkpoint", str(trained_run), "--batches", "2", "--batch-size", "2", "--json",
+                   str(out), "model.sparsity=0")
+  assert result.returncode == 0, result.stderr
+  loaded = inference.load(trained_run)
+  dense_cfg = dataclasses.replace(loaded.config.model, sparsity_qkv=0.0, sparsity_out=0.0, sparsity_up=0.0,
+                                  sparsity_down=0.0)
+  graphdef, _ = nnx.split(Transformer(dense_cfg, rngs=nnx.Rngs(0)))
+  batches = evaluation.validation_batches(loaded.config, loaded.tokenizer, num_batches=2, batch_size=2)
+  want = evaluation.evaluate(graphdef, loaded.params, dense_cfg, batches, step=3)
+  sparse = evaluation.evaluate(loaded.graphdef, loaded.params, loaded.config.model, batches, step=3)
+  figures = json.loads(out.read_text())
+  assert figures["loss"] == pytest.approx(want.loss, rel=1e-6) and figures["loss"] != pytest.approx(sparse.loss)
+  assert figures["configured"] == {"q/k/v": 0.0, "out": 0.0, "up": 0.0, "gate": 0.0, "down": 0.0}

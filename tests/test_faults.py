@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-STEPS = 12  # checkpoints every 3 steps, the last 3 kept: 6, 9, 12 at the end
+STEPS = 24  # checkpoints every 3 steps, the last 3 kept: 18, 21, 24 at the end
 
 
 def write_preset(folder: pathlib.Path, run_dir: pathlib.Path, *, d_model: int = 32) -> pathlib.Path:
@@ -86,49 +86,53 @@ def resume(reference, run_dir):
   return qsparse("train", "--config", preset, f"train.out_dir={run_dir}")
 
 
+def kill_when(preset, run_dir: pathlib.Path, condition) -> None:
+  """Start `qsparse train` and SIGKILL it the moment condition() holds (polled every half millisecond)."""
+  process = qsparse("train", "--config", preset, f"train.out_dir={run_dir}", popen=True)
+  while process.poll() is None and not condition():
+    time.sleep(0.0005)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL, "the run ended before the fault could be injected"
+  assert not (run_dir / "final_metrics.json").exists()
+
+
+def saved_steps(run_dir: pathlib.Path) -> list[int]:
+  folder = run_dir / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
 def test_kill_mid_step_then_resume_equals_uninterrupted(reference, tmp_path):
   preset, reference_dir = reference
   run_dir = tmp_path / "run"
-  process = qsparse("train", "--config", preset, f"train.out_dir={run_dir}", popen=True)
-  metrics = run_dir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8) and time.time() < deadline:
-    time.sleep(0.01)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert process.returncode == -signal.SIGKILL
-  assert not (run_dir / "final_metrics.json").exists()  # it really was cut short
-  result = qsparse("train", "--config", preset, f"train.out_dir={run_dir}")
+  kill_when(preset, run_dir, lambda: 6 in saved_steps(run_dir))  # training goes on past step 6 meanwhile
+  resumed_at = max(saved_steps(run_dir))
+  result = resume(reference, run_dir)
   assert result.returncode == 0, result.stderr
   no_traceback(result)
-  assert "resumed from" in result.stdout
+  assert f"resumed from {run_dir / 'checkpoints'} at step {resumed_at}" in result.stdout
   assert curve(run_dir) == curve(reference_dir)
 
 
-def test_kill_mid_save_then_resume_equals_uninterrupted(tmp_path):
-  """SIGKILL while Orbax is writing a checkpoint (its temporary folder exists): the resumed run ignores the partial
-  save, resumes from the previous checkpoint and ends with the losses of an uninterrupted run."""
-  folder = tmp_path / "uninterrupted"
-  folder.mkdir()
-  preset = write_preset(folder, folder / "run", d_model=128)  # 3.5 MB of state: a save takes a while to write
-  assert qsparse("train", "--config", preset).returncode == 0
-  run_dir = tmp_path / "killed"
-  process = qsparse("train", "--config", preset, f"train.out_dir={run_dir}", popen=True)
-  checkpoints, killed_during = run_dir / "checkpoints", None
-  while process.poll() is None and killed_during is None:
-    partial = [p.name for p in checkpoints.glob("*") if "tmp" in p.name] if checkpoints.is_dir() else []
-    if partial and any(p.startswith(("6.", "9.")) for p in partial):
-      process.send_signal(signal.SIGKILL)
-      killed_during = partial
-    time.sleep(0.0005)
-  process.wait()
-  assert killed_during is not None, "the run finished before a save could be caught in flight"
-  left = sorted(p.name for p in checkpoints.iterdir())
-  assert any("tmp" in name for name in left), left  # the save was cut off mid-write
-  result = qsparse("train", "--config", preset, f"train.out_dir={run_dir}")
+def test_kill_mid_save_then_resume_equals_uninterrupted(reference, tmp_path):
+  """SIGKILL while Orbax is writing a checkpoint (its temporary folder exists) after an earlier one finished: the
+  resumed run ignores the partial save, resumes from the earlier checkpoint and ends with the uninterrupted losses."""
+  preset, reference_dir = reference
+  run_dir = tmp_path / "run"
+  checkpoints = run_dir / "checkpoints"
+
+  def saving():
+    partial = [p.name for p in checkpoints.glob("*.orbax-checkpoint-tmp*")] if checkpoints.is_dir() else []
+    return bool(partial) and bool(saved_steps(run_dir)) and int(partial[0].split(".")[0]) > max(saved_steps(run_dir))
+
+  kill_when(preset, run_dir, saving)
+  assert list(checkpoints.glob("*.orbax-checkpoint-tmp*")), "the save was not cut off"
+  resumed_at = max(saved_steps(run_dir))
+  result = resume(reference, run_dir)
   assert result.returncode == 0, result.stderr
   no_traceback(result)
-  assert curve(run_dir) == curve(folder / "run")
+  assert f"resumed from {checkpoints} at step {resumed_at}" in result.stdout
+  assert curve(run_dir) == curve(reference_dir)
 
 
 def _truncate(step_dir: pathlib.Path) -> str:
@@ -160,52 +164,52 @@ def _garbage_meta(step_dir: pathlib.Path) -> str:
 @pytest.mark.parametrize("damage", [_truncate, _overwrite, _delete_state, _garbage_meta],
                          ids=["truncated", "overwritten", "state-deleted", "meta-garbage"])
 def test_damaged_newest_checkpoint_resumes_from_the_previous(reference, tmp_path, damage):
-  run_dir = copy_run(reference, tmp_path, drop_steps=[12])  # newest kept: 9, then 6
-  damage(run_dir / "checkpoints" / "9")
+  run_dir = copy_run(reference, tmp_path, drop_steps=[24])  # newest kept: 21, then 18
+  damage(run_dir / "checkpoints" / "21")
   result = resume(reference, run_dir)
   assert result.returncode == 0, result.stderr
   no_traceback(result)
   warnings = result.stderr.strip().splitlines()
   assert len(warnings) == 2, result.stderr
-  assert warnings[0].startswith(f"qsparse train: warning: checkpoint {run_dir / 'checkpoints' / '9'}")
-  assert warnings[0].endswith("; trying step 6")
-  assert warnings[1] == (f"qsparse train: warning: checkpoint {run_dir / 'checkpoints' / '9'} moved to "
-                         f"{run_dir / 'checkpoints' / '9.damaged'}")
-  assert f"resumed from {run_dir / 'checkpoints'} at step 6" in result.stdout
-  assert (run_dir / "checkpoints" / "9.damaged").is_dir()  # kept for inspection
+  assert warnings[0].startswith(f"qsparse train: warning: checkpoint {run_dir / 'checkpoints' / '21'}")
+  assert warnings[0].endswith("; trying step 18")
+  assert warnings[1] == (f"qsparse train: warning: checkpoint {run_dir / 'checkpoints' / '21'} moved to "
+                         f"{run_dir / 'checkpoints' / '21.damaged'}")
+  assert f"resumed from {run_dir / 'checkpoints'} at step 18" in result.stdout
+  assert (run_dir / "checkpoints" / "21.damaged").is_dir()  # kept for inspection
   assert curve(run_dir) == curve(reference[1])
 
 
 def test_generate_passes_over_a_damaged_checkpoint_unless_a_step_is_given(reference, tmp_path):
-  run_dir = copy_run(reference, tmp_path, drop_steps=[12])
-  _truncate(run_dir / "checkpoints" / "9")
+  run_dir = copy_run(reference, tmp_path, drop_steps=[24])
+  _truncate(run_dir / "checkpoints" / "21")
   before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
   result = qsparse("generate", "--checkpoint", run_dir, "--prompt", "the", "--max-new-tokens", "4")
   assert result.returncode == 0, result.stderr
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 2 and lines[0].startswith("qsparse generate: warning: checkpoint") and "step 6" in lines[0]
-  assert lines[1].endswith("checkpoint step 6)")
-  exact = qsparse("eval", "--checkpoint", run_dir, "--step", "9", "--batches", "1")
+  assert len(lines) == 2 and lines[0].startswith("qsparse generate: warning: checkpoint") and "step 18" in lines[0]
+  assert lines[1].endswith("checkpoint step 18)")
+  exact = qsparse("eval", "--checkpoint", run_dir, "--step", "21", "--batches", "1")
   assert exact.returncode == 2
   assert exact.stderr.strip().splitlines() == [exact.stderr.strip()]  # one line
-  assert exact.stderr.startswith(f"qsparse eval: error: checkpoint {run_dir / 'checkpoints' / '9'} cannot be "
+  assert exact.stderr.startswith(f"qsparse eval: error: checkpoint {run_dir / 'checkpoints' / '21'} cannot be "
                                  "restored: reading ")
   assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing moved or deleted
-  debug = qsparse("eval", "--checkpoint", run_dir, "--step", "9", "--batches", "1", "--debug")
+  debug = qsparse("eval", "--checkpoint", run_dir, "--step", "21", "--batches", "1", "--debug")
   assert "Traceback" in debug.stderr and "CheckpointRestoreError" in debug.stderr
 
 
 def test_a_run_whose_checkpoints_all_fail_stops_with_one_line(reference, tmp_path):
   run_dir = copy_run(reference, tmp_path)
-  for step in (6, 9, 12):
+  for step in (18, 21, 24):
     _garbage_meta(run_dir / "checkpoints" / str(step))
   result = resume(reference, run_dir)
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if ": error: " in line]
   assert len(errors) == 1 and errors[0].startswith(
-      f"qsparse train: error: no checkpoint in {run_dir / 'checkpoints'} can be restored (3 tried: step 12: ")
+      f"qsparse train: error: no checkpoint in {run_dir / 'checkpoints'} can be restored (3 tried: step 24: ")
   no_traceback(result)
-  assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["12", "6", "9"]  # nothing moved
+  assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["18", "21", "24"]  # nothing moved
 
 
 def test_rerunning_a_finished_run_touches_no_file(reference, tmp_path):
@@ -272,10 +276,10 @@ def test_suspicious_inputs_warn_in_one_line(reference, tmp_path):
   assert result.stderr.strip().splitlines() == [
       "qsparse train: warning: model.sparsity_qkv=0.999 keeps K = 0 of the 32 entries at the qkv site: its "
       "projections see only zeros",
+      f"qsparse train: warning: data.paths: {latin} is not UTF-8 (byte 3 is 0xe9); 1200 characters became U+FFFD: "
+      "convert it first, e.g. iconv -f latin1 -t utf-8",
       f"qsparse train: warning: data.paths: {binary} holds NUL bytes: it looks binary, not text (training on it "
-      "anyway)",
-      f"qsparse train: warning: data.paths: {latin} is not UTF-8 (byte 3 is 0xe9); 900 characters became U+FFFD: "
-      "convert it first, e.g. iconv -f latin1 -t utf-8"]
+      "anyway)"]
   resumed = qsparse("train", "--config", preset, f"train.out_dir={tmp_path / 'a'}", f"data.paths={latin}",
                     "model.sparsity_qkv=0.999", *common[:1], "train.steps=2", "train.eval_every=1")
   assert resumed.returncode == 0, resumed.stderr

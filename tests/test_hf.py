@@ -1,6 +1,7 @@
 """Hugging Face import/export against transformers' own models (tiny, random, made here; no download)."""
 
 import json
+import os
 import pathlib
 
 import jax
@@ -146,6 +147,15 @@ def test_bad_checkpoints_are_named_and_leave_nothing_behind(tmp_path, monkeypatc
     hf.load_pretrained(out)
   with pytest.raises(FileExistsError, match="already exists; export into a new directory"):
     hf.save_pretrained(out, cfg, params)
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder like any other, not mkdtemp's private 0700
+  index = json.loads((out / safetensors_io.INDEX).read_text())
+  index["weight_map"][next(iter(index["weight_map"]))] = "../hf/model.safetensors"
+  (out / safetensors_io.INDEX).write_text(json.dumps(index))
+  with pytest.raises(hf.SafetensorsError, match=r"names shard '../hf/model.safetensors', which is not a file name "
+                     r"inside .*; shards must sit beside the index"):
+    hf.load_pretrained(out)
   # A write that fails half way (the second shard) leaves no directory and no staging folder.
   real_save = safetensors_io.save_file
   calls = []

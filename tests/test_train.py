@@ -74,7 +74,8 @@ def test_resume_with_another_model_config_is_refused(tmp_path):
 
 def test_sequence_longer_than_the_corpus(tmp_path):
   cfg = small_config(tmp_path)
-  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=100_000))
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=100_000),
+                            model=dataclasses.replace(cfg.model, max_seq_len=100_000))
   with pytest.raises(ValueError, match="data.seq_len=100000 is longer than the whole train split"):
     train(cfg, log=lambda _: None)
 
@@ -119,8 +120,26 @@ def test_continued_training_starts_from_another_runs_weights(tmp_path):
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cont.model, rngs=nnx.Rngs(0))))
   want = float(jax.jit(lm_loss, static_argnums=0)(graphdef, dense_params, first))
   assert losses(tmp_path / "cont")[1] == pytest.approx(want, rel=1e-5)
+  # Before the first step, the validation loss of the pretrained weights under this config's top-K.
+  validation = lm_batches(text_source(dc, "validation"), make_tokenizer("byte"), seq_len=dc.seq_len, batch_size=4,
+                          seed=0, shuffle=False)
+  batches = [b["tokens"] for _, b in zip(range(cont.train.eval_batches), iter(validation))]
+  at_start = np.mean([float(jax.jit(lm_loss, static_argnums=0)(graphdef, dense_params, b)) for b in batches])
+  first_line = json.loads((tmp_path / "cont" / "metrics.jsonl").read_text().splitlines()[0])
+  assert first_line["step"] == 0 and first_line["val_loss"] == pytest.approx(at_start, rel=1e-5)
+  assert any(line.startswith("step 0: validation loss ") for line in logs)
   wider = dataclasses.replace(sparse_model, d_ff=96)
   with pytest.raises(ValueError, match=r"its model has d_ff=64, this config d_ff=96; only the Q-Sparse settings"):
     load_initial_params(str(tmp_path / "dense"), wider, mesh)
   with pytest.raises(ValueError, match=r"was trained with data.tokenizer='byte', this config uses 'hf:/t.json'"):
     load_initial_params(str(tmp_path / "dense"), sparse_model, mesh, tokenizer="hf:/t.json")
+
+
+def test_the_sample_prompt_defaults_to_the_start_of_a_validation_document(tmp_path):
+  from qsparse_jax.data.text import split_text
+
+  cfg = small_config(tmp_path, steps=1, sample_tokens=3, sample_prompt="")
+  result = train(cfg, log=lambda _: None)
+  validation = split_text((tmp_path / "corpus.txt").read_text(), cfg.data.validation_fraction)[1]
+  opening = validation.split("\n")[0]  # the first line of the validation text (shorter than the 40-character cap)
+  assert 0 < len(opening) <= 40 and result["sample"].startswith(opening) and len(result["sample"]) > len(opening)

@@ -231,6 +231,8 @@ class Checkpointer:
           note = self.restore_data_iterator(data_iterator, candidate) if restore_data else None
         error = None
       except CheckpointRestoreError as err:
+        if step is not None:  # exactly this checkpoint was asked for
+          raise
         error = str(err)
       if not _everywhere(error is None):
         error = error or "another process could not restore it"
@@ -244,8 +246,6 @@ class Checkpointer:
           warnings.warn(f"checkpoint {self.directory / str(bad)} moved to {self._move_aside(bad)}",
                         CheckpointWarning, stacklevel=2)
       return Restored(state=state, meta=meta, step=candidate, data_note=note)
-    if step is not None:
-      raise CheckpointRestoreError(failures[0].split(": ", 1)[1])
     raise CheckpointRestoreError(f"no checkpoint in {self.directory} can be restored ({len(failures)} tried: "
                                  f"{'; '.join(failures)})")
 
