@@ -189,6 +189,7 @@ def test_generate_passes_over_a_damaged_checkpoint_unless_a_step_is_given(refere
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 2 and lines[0].startswith("qsparse generate: warning: checkpoint") and "step 18" in lines[0]
   assert lines[1].endswith("checkpoint step 18)")
+  assert result.stdout.startswith("the") and result.stdout.endswith("\n")  # the text ends its line
   exact = qsparse("eval", "--checkpoint", run_dir, "--step", "21", "--batches", "1")
   assert exact.returncode == 2
   assert exact.stderr.strip().splitlines() == [exact.stderr.strip()]  # one line
@@ -273,6 +274,7 @@ def test_suspicious_inputs_warn_in_one_line(reference, tmp_path):
   result = qsparse("train", "--config", preset, f"train.out_dir={tmp_path / 'a'}", f"data.paths={binary},{latin}",
                    "model.sparsity_qkv=0.999", *common)
   assert result.returncode == 0, result.stderr
+  assert "Downloading and preparing" not in result.stdout  # TFDS's banner, meaningless for local files
   assert result.stderr.strip().splitlines() == [
       "qsparse train: warning: model.sparsity_qkv=0.999 keeps K = 0 of the 32 entries at the qkv site: its "
       "projections see only zeros",
