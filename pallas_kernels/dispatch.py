@@ -11,6 +11,10 @@ holds the Mosaic kernel exactly when a TPU would run it, and the same traced pro
               dtypes and shapes shown to compile),      another issue)
               the XLA path otherwise
     "pallas"  the kernel, compiled by Mosaic            the kernel in interpret mode (slow: for tests)
+
+Mosaic kernels are not partitioned by XLA: they run in single-device programs or per shard inside `jax.shard_map`.
+So "auto" also takes the XLA path while tracing under a mesh (`jax.set_mesh`) with an axis of more than one device
+that is not manual (`partitioned`); running the kernels per shard there is future work.
 """
 
 from __future__ import annotations
@@ -34,14 +38,25 @@ def check(backend: str) -> None:
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
+def partitioned() -> bool:
+  """Whether the program being traced is partitioned over devices by XLA: the mesh set by `jax.set_mesh` has an
+  axis of size > 1 that is not manual (inside `jax.shard_map` every axis is manual and kernels run per shard)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return False
+  manual = set(mesh.manual_axes)
+  return any(size > 1 and name not in manual for name, size in zip(mesh.axis_names, mesh.axis_sizes))
+
+
 def select(backend: str, kernel, xla, *args, kernel_ok: bool = True):
   """kernel(*args, interpret=...) or xla(*args), as the table of the module docstring says.
 
   kernel_ok: whether "auto" may use the kernel for these arguments (each op's `kernel_supported`); "pallas" uses it
-  regardless, and a combination Mosaic cannot compile then fails at compile time for TPU.
+  regardless, and a combination Mosaic cannot compile then fails at compile time for TPU. "auto" never picks the
+  kernel in a `partitioned` program.
   """
   check(backend)
-  if backend == "xla" or (backend == "auto" and not kernel_ok):
+  if backend == "xla" or (backend == "auto" and (not kernel_ok or partitioned())):
     return xla(*args)
   mosaic = functools.partial(kernel, interpret=False)
   elsewhere = functools.partial(kernel, interpret=True) if backend == "pallas" else xla

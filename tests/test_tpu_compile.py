@@ -34,7 +34,7 @@ def cases():
   """(name, chip or None for the CPU, fn, [(shape, dtype)], kernels expected in the compiled program).
 
   chip "generic" compiles for v5p without jax.set_mesh: the kernels cannot see the chip and take the block sizes
-  meant for every generation."""
+  meant for every generation; "v5p x4" over all four chips of the slice."""
   import jax
   import jax.numpy as jnp
 
@@ -95,6 +95,21 @@ def cases():
         out.append((f"{chip} ternary_matmul int8 x uint8 T={t} D={d} N={n_out}", chip, ternary_matmul,
                     [((t, d), jnp.int8), ((t, 1), f32), ((d // 4, n_out), jnp.uint8), ((), f32)], 1))
 
+  # kernel_supported accepts widths by the tiling rule, not only 4096 and 11008: its other corners, on v5p.
+  out += [
+      ("v5p widths topk int8 f32 T=2048 D=16384 (MAX_KERNEL_WIDTH)", "v5p", lambda v: topk_sparsify_int8(v, 6554),
+       [((2048, 16384), f32)], 1),
+      ("v5p widths topk masked bf16 T=2048 D=1536", "v5p", train(lambda v: topk_sparsify(v, 614, gradient="masked")),
+       [((2048, 1536), bf16)], 1),
+      ("v5p widths nm_matmul 16:32 f32 T=2048 D=16384 N=384 (MAX_KERNEL_DEPTH)", "v5p",
+       lambda a, w: nm_matmul(a, w, 16, 32), [((2048, 16384), f32), ((16384, 384), f32)], 1),
+      ("v5p widths nm_matmul 1:8 bf16 T=2048 D=1536 N=5632", "v5p", lambda a, w: nm_matmul(a, w, 1, 8),
+       [((2048, 1536), bf16), ((1536, 5632), bf16)], 1),
+      ("v5p widths sparse_matvec bf16 B=16 K=2253 D=5632 N=1536", "v5p", sparse_matvec,
+       [((16, 2253), bf16), ((16, 2253), i32), ((5632, 1536), bf16)], 1),
+      ("v5p widths ternary_matmul T=300 D=5632 N=1536", "v5p", ternary_matmul,
+       [((300, 5632), jnp.int8), ((300, 1), f32), ((1408, 1536), jnp.uint8), ((), f32)], 1),
+  ]
   # "auto" leaves these to XLA (no kernel), "xla" always; "pallas" compiles the kernel, never interpret mode.
   topk_k = lambda v: topk_sparsify(v, 100)  # noqa: E731
   out += [
@@ -111,6 +126,10 @@ def cases():
       ("v5p backend=xla topk", "v5p", lambda v: topk_sparsify(v, 100, backend="xla"), [((64, 4096), f32)], 0),
       ("v5p backend=pallas topk D=4000", "v5p", lambda v: topk_sparsify(v, 100, backend="pallas"),
        [((64, 4000), f32)], 1),
+      # Over all 4 chips: XLA would have to partition a Mosaic kernel, which it cannot; per shard it runs.
+      ("v5p x4 auto->xla topk in a program partitioned over 4 chips", "v5p x4", topk_k, [((64, 4096), f32)], 0),
+      ("v5p x4 topk per shard in shard_map over 4 chips", "v5p x4",
+       jax.shard_map(topk_k, in_specs=jax.P("x"), out_specs=jax.P("x"), check_vma=False), [((64, 4096), f32)], 1),
   ]
   # The same programs compiled for the CPU: the XLA path, and interpret mode (no Mosaic) for backend="pallas".
   out += [
@@ -133,10 +152,10 @@ def compile_case(fn, args, chip):
 
   if chip is None:
     return jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, d) for s, d in args)).compile().as_text()
-  name, bounds = CHIPS["v5p" if chip == "generic" else chip]
+  name, bounds = CHIPS["v5p" if chip in ("generic", "v5p x4") else chip]
   topology = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
                                           chips_per_host_bounds=bounds, num_slices=1)
-  mesh = Mesh(topology.devices[:1], ("x",))
+  mesh = Mesh(topology.devices if chip == "v5p x4" else topology.devices[:1], ("x",))
   specs = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, PartitionSpec())) for s, d in args]
   if chip == "generic":
     return jax.jit(fn).lower(*specs).compile().as_text()
