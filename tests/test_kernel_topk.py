@@ -146,8 +146,8 @@ def test_block_sizes_follow_the_dtype_tiling():
   np.testing.assert_array_equal(np.asarray(y), np_topk_sparsify(x, 90)[0])
   with pytest.raises(ValueError, match=r"block_rows must be a positive multiple of 16 \(the sublane tile of bfloat16"):
     topk_sparsify(x.astype(jnp.bfloat16), 90, backend="pallas", block_sizes=BlockSizes(8))
-  with pytest.raises(ValueError, match=r"block_rows must be a positive multiple of 32 \(the sublane tile of float32 and "
-                                       r"int8"):
+  with pytest.raises(ValueError, match=r"block_rows must be a positive multiple of 32 \(the sublane tile of "
+                                       r"float32 and int8"):
     topk_sparsify_int8(x, 90, backend="pallas", block_sizes=BlockSizes(16))
   with pytest.raises(ValueError, match="block_rows must be a positive multiple of 1"):
     BlockSizes(0)

@@ -73,15 +73,19 @@ def _select(backend, block_sizes, n, m, x_td, *v_td):
                                                     x_td.dtype, m))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _nm_matmul(x_td, w_dn, n, m, gradient, backend, block_sizes):
+def _forward(x_td, w_dn, n, m, backend, block_sizes):
   return dispatch.select(backend, functools.partial(_kernel_forward, n=n, m=m, block_sizes=block_sizes),
                          functools.partial(_xla_forward, n=n, m=m), x_td, w_dn,
                          kernel_ok=kernel_supported(x_td.shape, w_dn.shape, x_td.dtype, w_dn.dtype, m))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _nm_matmul(x_td, w_dn, n, m, gradient, backend, block_sizes):
+  return _forward(x_td, w_dn, n, m, backend, block_sizes)
+
+
 def _fwd(x_td, w_dn, n, m, gradient, backend, block_sizes):
-  return _nm_matmul(x_td, w_dn, n, m, gradient, backend, block_sizes), (x_td, w_dn)
+  return _forward(x_td, w_dn, n, m, backend, block_sizes), (x_td, w_dn)
 
 
 def _bwd(n, m, gradient, backend, block_sizes, saved, g_tn):
