@@ -5,6 +5,7 @@
     qsparse generate --checkpoint runs/tiny --prompt "def main():" [--max-new-tokens 200 --temperature 0.8]
     qsparse eval --checkpoint runs/tiny [--batches 16 --json eval.json] [data.field=value ...]
     qsparse export-hf --checkpoint runs/continue_tiny --out exported/ [--arch llama --dtype bfloat16]
+    qsparse compile --config configs/paper_7b.py --topology v5p-128   (does it fit? compiled for TPU, no TPU needed)
     qsparse scaling sweep --sweep configs/scaling_sweep.py        (trains what is not finished; resumable)
     qsparse scaling fit --sweep configs/scaling_sweep.py [--plots docs/]
 
@@ -203,6 +204,37 @@ def _export_hf(args) -> int:
   return 0
 
 
+def _compile(args) -> int:
+  # Deviceless: compile for the slice from this host, whatever it is (libtpu's lock and metadata server are for
+  # hosts that own TPUs).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import importlib.util
+
+  import absl.logging
+
+  from qsparse_jax.config import apply_overrides, load_preset
+  from qsparse_jax.training import compile as aot
+
+  absl.logging.set_verbosity(absl.logging.FATAL)
+  config = apply_overrides(load_preset(args.config), args.overrides)
+  aot.parse_slice(args.topology)  # a bad name fails before anything is loaded
+  if importlib.util.find_spec("libtpu") is None:
+    import jax
+
+    raise ValueError(f"compiling for a TPU needs libtpu: pip install \"jax[tpu]=={jax.__version__}\" (or the "
+                     "project's tpu extra: pip install -e \".[tpu]\")")
+  report = aot.compile_for(config, args.topology)
+  print("\n".join(report.lines()))
+  if not report.fits:
+    print(f"qsparse compile: error: {args.config} does not fit {args.topology} ({report.error}); "
+          f"{aot.advice(config)}", file=sys.stderr)
+    return 1
+  print(f"hbm_fraction: {report.hbm_fraction:.3f}")
+  return 0
+
+
 def _show_warning(command: str):
   """warnings.showwarning that prints ours (qsparse_jax's) as one line `qsparse COMMAND: warning: ...`."""
   default = warnings.showwarning
@@ -264,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
   p_exp.add_argument("--arch", choices=["llama", "mistral", "qwen2"],
                      help="architecture of config.json (default: qwen2 with q/k/v biases, else llama)")
   p_exp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p_comp = add("compile", help="compile the train step ahead of time for a TPU slice: does it fit, how fast at best")
+  p_comp.add_argument("--config", required=True, help="preset file, e.g. configs/paper_7b.py")
+  p_comp.add_argument("--topology", required=True, help="Cloud TPU accelerator type: v5p-128, v6e-64, v4-32, ...")
+  p_comp.add_argument("overrides", nargs="*", help="section.field=value overrides, as for train")
   p_scale = add("scaling", help="the scaling-law sweep and fit (method.md §6)")
   p_scale.add_argument("action", choices=["sweep", "fit"], help="sweep: train the grid's unfinished runs; fit: fit "
                        "the law to the finished ones, print S*, draw plots")
@@ -278,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-  return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf,
+  return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf, "compile": _compile,
           "scaling": _scaling}[args.command](args)
 
 

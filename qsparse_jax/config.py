@@ -40,6 +40,7 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.95
   clip_norm: float = 1.0
+  microbatches: int = 1  # gradient accumulation: the batch runs as this many micro-batches, one after the other
   seed: int = 0
   eval_every: int = 250
   eval_batches: int = 8
@@ -56,7 +57,7 @@ class TrainConfig:
   init_from: str = ""
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+    for name in ("steps", "batch_size", "microbatches", "eval_every", "eval_batches", "log_every", "checkpoint_every",
                  "keep_checkpoints"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
@@ -65,6 +66,9 @@ class TrainConfig:
       raise ValueError(f"train.warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
     if self.learning_rate <= 0:
       raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
+    if self.batch_size % self.microbatches:
+      raise ValueError(f"train.batch_size={self.batch_size} must be a multiple of train.microbatches="
+                       f"{self.microbatches}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,13 @@ from qsparse_jax.parallel.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# model.remat -> the jax.checkpoint policy of each block (None: jax.checkpoint's default, which saves nothing but the
+# block's inputs).
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+# Fields that choose how the model runs, not what it computes from its weights: a run may resume with them changed.
+EXECUTION_FIELDS = ("kernels", "remat")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -63,10 +70,15 @@ class ModelConfig:
   ternary_weights: bool = False  # BitNet b1.58 weights
   dtype: str = "float32"  # compute dtype; parameters are float32
   kernels: Literal["auto", "xla", "pallas"] = "auto"  # the sparse core's implementation (pallas_kernels.dispatch)
+  # What the backward pass keeps of each block: "none" (every activation), "full" (only the block's input; the rest
+  # is recomputed) or "dots" (the matmul outputs; the elementwise work is recomputed). jax.checkpoint per block.
+  remat: Literal["none", "full", "dots"] = "none"
 
   def __post_init__(self):
     if self.kernels not in ("auto", "xla", "pallas"):
       raise ValueError(f"model.kernels must be 'auto', 'xla' or 'pallas', got {self.kernels!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {', '.join(map(repr, REMAT_POLICIES))}, got {self.remat!r}")
     positive = ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len")
     for name in positive:
       value = getattr(self, name)
@@ -162,6 +174,10 @@ class Block(nnx.Module):
     return x_btd + ffn_out.astype(x_btd.dtype), cache
 
 
+def _run_block(block: Block, x_btd, positions_bt, segment_ids_bt):
+  return block(x_btd, positions_bt, segment_ids_bt)
+
+
 class Transformer(nnx.Module):
   """The decoder: tokens [B, T] int -> logits [B, T, V] float32."""
 
@@ -184,8 +200,11 @@ class Transformer(nnx.Module):
     residual = ("batch", None, None)  # the residual stream: split by batch, whole along the model width
     table_vd = constrain(self.embed[...], ("vocab", None))  # gather whole rows: FSDP's split of D is undone once
     x_btd = constrain(jnp.take(table_vd, tokens_bt, axis=0).astype(self.cfg.compute_dtype), residual)
+    run_block = _run_block
+    if self.cfg.remat != "none":
+      run_block = nnx.remat(_run_block, policy=REMAT_POLICIES[self.cfg.remat])
     for block in self.blocks:
-      x_btd = constrain(block(x_btd, positions_bt, segment_ids_bt), residual)
+      x_btd = constrain(run_block(block, x_btd, positions_bt, segment_ids_bt), residual)
     x_btd = self.final_norm(x_btd)
     head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)

@@ -22,7 +22,7 @@ from tensorboardX import SummaryWriter
 from qsparse_jax.config import Config
 from qsparse_jax.data import chat, tokenizers
 from qsparse_jax.data.inputs import make_inputs
-from qsparse_jax.nn.model import activated_params_per_token, count_params
+from qsparse_jax.nn.model import EXECUTION_FIELDS, activated_params_per_token, count_params
 from qsparse_jax.parallel import sharding
 from qsparse_jax.training import init_from
 from qsparse_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, meta_json
@@ -121,7 +121,7 @@ def _check_resumable(meta: dict, config: Config, run_dir: pathlib.Path) -> bool:
   stored_model, stored_tok = meta.get("model", {}), meta.get("data", {}).get("tokenizer")
   current = meta_json(config)
   for field, value in current["model"].items():
-    if field in stored_model and stored_model[field] != value and field != "kernels":  # kernels: not the weights
+    if field in stored_model and stored_model[field] != value and field not in EXECUTION_FIELDS:
       raise CheckpointMismatchError(
           f"checkpoint in {run_dir} was written with model.{field}={stored_model[field]!r}, this config has "
           f"{value!r}: use another train.out_dir, or the same model config to resume")
@@ -224,7 +224,7 @@ def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int
   graphdef, state = init_train_state(mc, tx, tc.seed, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   loss_fn = response_loss if dc.format == "instructions" else lm_loss
-  train_step = make_train_step(graphdef, tx, mesh, state_shardings, loss_fn)
+  train_step = make_train_step(graphdef, tx, mesh, state_shardings, loss_fn, microbatches=tc.microbatches)
   eval_step = make_eval_step(graphdef, mesh, state_shardings["params"], loss_fn)
   inputs = make_inputs(dc, tokenizer, batch_size=local_batch, eval_batches=tc.eval_batches, seed=dc.shuffle_seed,
                        process_index=shard_index, process_count=shard_count)
