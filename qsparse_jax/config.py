@@ -205,19 +205,20 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 def paper_pretraining(name: str, *, d_model: int, d_ff: int, num_heads: int, num_layers: int,
-                      learning_rate: float) -> Config:
+                      learning_rate: float, remat: str = "full", microbatches: int = 1) -> Config:
   """A from-scratch Q-Sparse preset with the paper's recipe (method.md §7).
 
   Sequence 2048, 0.5M tokens per batch (256 x 2048) for 50B tokens (100k steps), Adam(0.9, 0.95), weight decay 0.1,
   ReLU²GLU, top-K 70% (sparsity 0.3) at every site, bfloat16 compute, a 32k vocabulary (point data.tokenizer at a
-  SentencePiece model of that size) and a TFDS text dataset.
+  SentencePiece model of that size) and a TFDS text dataset. remat and microbatches size the step for its slice
+  (`qsparse compile` checks a slice before a run pays for it).
   """
   return Config(
       model=ModelConfig(vocab_size=32000, d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_ff=d_ff,
-                        max_seq_len=2048, activation="relu2", tie_embeddings=False, dtype="bfloat16")
+                        max_seq_len=2048, activation="relu2", tie_embeddings=False, dtype="bfloat16", remat=remat)
       .with_sparsity(0.3),
       data=DataConfig(source="tfds", tfds_name="c4/en", seq_len=2048),
-      train=TrainConfig(steps=100_000, batch_size=256, learning_rate=learning_rate,
+      train=TrainConfig(steps=100_000, batch_size=256, microbatches=microbatches, learning_rate=learning_rate,
                         end_learning_rate=learning_rate / 10, warmup_steps=375, decay="cosine", weight_decay=0.1,
                         clip_norm=1.0, eval_every=1000, checkpoint_every=1000, out_dir=f"runs/paper_{name}"),
       mesh=MeshConfig(data=1, fsdp=-1, tensor=1),  # FSDP over every device; set tensor for the largest models
