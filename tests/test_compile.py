@@ -67,7 +67,7 @@ def test_compile_reports_what_fits_a_slice():
   peak = float(re.search(r"peak +([\d.]+) GiB of +95.00 GiB", result.stdout).group(1))
   fraction = float(lines[-1].removeprefix("hbm_fraction: "))
   assert 0 < fraction < 1 and fraction == pytest.approx(peak / 95.0, abs=2e-3)
-  compiled, dense = map(float, re.search(r"compiled ([\d.e+]+); model ([\d.e+]+) dense", result.stdout).groups())
+  compiled, dense = map(float, re.search(r"program ([\d.e+]+); model ([\d.e+]+) dense", result.stdout).groups())
   assert compiled == pytest.approx(dense, rel=0.10)  # XLA's count of the step within 10% of 6NT + attention
 
 

@@ -185,7 +185,7 @@ class Report:
     out += [f"memory per chip: state and batch {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
             f"outputs {gib(self.output_bytes - self.alias_bytes)} (+{gib(self.alias_bytes).strip()} in place), "
             f"peak {gib(self.peak_bytes)} of {gib(chip.hbm_bytes)}",
-            f"FLOPs per step per chip: compiled {self.flops_per_device:.3e}; model "
+            f"FLOPs per step per chip: program {self.flops_per_device:.3e}; model "
             f"{self.model['dense'] / self.tpu.chips:.3e} dense (Q-Sparse activated "
             f"{self.model['activated'] / self.tpu.chips:.3e}) + remat recompute "
             f"{self.model['recompute'] / self.tpu.chips:.3e}",

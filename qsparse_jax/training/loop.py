@@ -90,7 +90,7 @@ class _Metrics:
       return
     path = run_dir / "metrics.jsonl"
     if path.exists():
-      kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+      kept = [json.dumps(record) for record in _records(path) if record["step"] <= resumed_step]
       path.write_text("".join(line + "\n" for line in kept))
     self._jsonl = open(path, "a", encoding="utf-8")
     self._tb = SummaryWriter(str(run_dir / "tensorboard"))
@@ -179,12 +179,23 @@ def _logged(run_dir: pathlib.Path, step: int) -> dict[str, Any]:
   """The last loss, gradient norm and validation loss that metrics.jsonl holds up to step (a resumed run's start)."""
   last: dict[str, Any] = {"step": step}
   path = run_dir / "metrics.jsonl"
-  if path.is_file():
-    for line in path.read_text().splitlines():
-      record = json.loads(line) if line.strip() else {}
-      if record.get("step", step + 1) <= step:
-        last.update({k: v for k, v in record.items() if k != "step"})
+  for record in _records(path) if path.is_file() else ():
+    if record["step"] <= step:
+      last.update({k: v for k, v in record.items() if k != "step"})
   return last
+
+
+def _records(path: pathlib.Path) -> list[dict]:
+  """The records of a metrics.jsonl, less a last line cut short by a kill mid-write."""
+  records = []
+  for line in path.read_text(errors="replace").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int):
+      records.append(record)
+  return records
 
 
 def train(config: Config, *, log: Callable[[str], None] = print, stop_after: int | None = None) -> dict[str, Any]:
