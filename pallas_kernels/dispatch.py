@@ -13,8 +13,9 @@ holds the Mosaic kernel exactly when a TPU would run it, and the same traced pro
     "pallas"  the kernel, compiled by Mosaic            the kernel in interpret mode (slow: for tests)
 
 Mosaic kernels are not partitioned by XLA: they run in single-device programs or per shard inside `jax.shard_map`.
-So "auto" also takes the XLA path while tracing under a mesh (`jax.set_mesh`) with an axis of more than one device
-that is not manual (`partitioned`); running the kernels per shard there is future work.
+So "auto" also takes the XLA path in a program XLA partitions over several devices (`partitioned`: a mesh set by
+`jax.set_mesh`, or the arguments' shardings, spans an axis of more than one device that is not manual); running the
+kernels per shard there is future work.
 """
 
 from __future__ import annotations
@@ -38,14 +39,25 @@ def check(backend: str) -> None:
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
-def partitioned() -> bool:
-  """Whether the program being traced is partitioned over devices by XLA: the mesh set by `jax.set_mesh` has an
-  axis of size > 1 that is not manual (inside `jax.shard_map` every axis is manual and kernels run per shard)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+def _partitions(mesh) -> bool:
+  """Whether a (possibly abstract) mesh has an axis of size > 1 that is not manual."""
+  if mesh is None or getattr(mesh, "empty", True):
     return False
-  manual = set(mesh.manual_axes)
+  manual = set(getattr(mesh, "manual_axes", ()))
   return any(size > 1 and name not in manual for name, size in zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def partitioned(*args) -> bool:
+  """Whether the program being traced is partitioned over devices by XLA: the mesh set by `jax.set_mesh`, or the
+  mesh of an argument's sharding (jit over arguments placed on several devices), has an axis of size > 1 that is
+  not manual (inside `jax.shard_map` every axis is manual and kernels run per shard)."""
+  meshes = [jax.sharding.get_abstract_mesh()]
+  for leaf in jax.tree.leaves(args):
+    try:
+      meshes.append(getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None))
+    except TypeError:  # not an array: no sharding
+      pass
+  return any(_partitions(mesh) for mesh in meshes)
 
 
 def select(backend: str, kernel, xla, *args, kernel_ok: bool = True):
@@ -56,7 +68,7 @@ def select(backend: str, kernel, xla, *args, kernel_ok: bool = True):
   kernel in a `partitioned` program.
   """
   check(backend)
-  if backend == "xla" or (backend == "auto" and (not kernel_ok or partitioned())):
+  if backend == "xla" or (backend == "auto" and (not kernel_ok or partitioned(*args))):
     return xla(*args)
   mosaic = functools.partial(kernel, interpret=False)
   elsewhere = functools.partial(kernel, interpret=True) if backend == "pallas" else xla

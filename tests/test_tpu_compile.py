@@ -34,7 +34,7 @@ def cases():
   """(name, chip or None for the CPU, fn, [(shape, dtype)], kernels expected in the compiled program).
 
   chip "generic" compiles for v5p without jax.set_mesh: the kernels cannot see the chip and take the block sizes
-  meant for every generation; "v5p x4" over all four chips of the slice."""
+  meant for every generation; "v5p x4" over all four chips of the slice ("v5p x4 jit": without jax.set_mesh)."""
   import jax
   import jax.numpy as jnp
 
@@ -128,6 +128,8 @@ def cases():
        [((64, 4000), f32)], 1),
       # Over all 4 chips: XLA would have to partition a Mosaic kernel, which it cannot; per shard it runs.
       ("v5p x4 auto->xla topk in a program partitioned over 4 chips", "v5p x4", topk_k, [((64, 4096), f32)], 0),
+      ("v5p x4 jit auto->xla topk over arguments on 4 chips, no jax.set_mesh", "v5p x4 jit", topk_k,
+       [((64, 4096), f32)], 0),
       ("v5p x4 topk per shard in shard_map over 4 chips", "v5p x4",
        jax.shard_map(topk_k, in_specs=jax.P("x"), out_specs=jax.P("x"), check_vma=False), [((64, 4096), f32)], 1),
   ]
@@ -152,12 +154,12 @@ def compile_case(fn, args, chip):
 
   if chip is None:
     return jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, d) for s, d in args)).compile().as_text()
-  name, bounds = CHIPS["v5p" if chip in ("generic", "v5p x4") else chip]
+  name, bounds = CHIPS["v5p" if chip in ("generic", "v5p x4", "v5p x4 jit") else chip]
   topology = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
                                           chips_per_host_bounds=bounds, num_slices=1)
-  mesh = Mesh(topology.devices if chip == "v5p x4" else topology.devices[:1], ("x",))
+  mesh = Mesh(topology.devices if chip.startswith("v5p x4") else topology.devices[:1], ("x",))
   specs = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, PartitionSpec())) for s, d in args]
-  if chip == "generic":
+  if chip in ("generic", "v5p x4 jit"):
     return jax.jit(fn).lower(*specs).compile().as_text()
   with jax.set_mesh(mesh):
     return jax.jit(fn).lower(*specs).compile().as_text()
