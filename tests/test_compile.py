@@ -73,7 +73,8 @@ def test_compile_reports_what_fits_a_slice():
 
 @needs_libtpu
 def test_compile_names_what_to_change_when_it_does_not_fit():
-  result = qsparse_compile("--config", PRESET, "--topology", "v5e-4", "model.num_layers=1", "model.remat=none")
+  result = qsparse_compile("--config", PRESET, "--topology", "v5e-4", "model.num_layers=1", "model.remat=none",
+                           "train.microbatches=1")
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if line.startswith("qsparse compile:")]
   assert len(errors) == 1 and re.fullmatch(

@@ -102,22 +102,28 @@ def saved_steps(run_dir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-def test_kill_mid_step_then_resume_equals_uninterrupted(reference, tmp_path):
-  preset, reference_dir = reference
-  run_dir = tmp_path / "run"
-  kill_when(preset, run_dir, lambda: 6 in saved_steps(run_dir))  # training goes on past step 6 meanwhile
+def resumes_on_the_reference_curve(reference, run_dir: pathlib.Path) -> None:
+  """The same command again: it resumes from the newest finished checkpoint, with no traceback, and ends with the
+  uninterrupted run's losses."""
   resumed_at = max(saved_steps(run_dir))
   result = resume(reference, run_dir)
   assert result.returncode == 0, result.stderr
   no_traceback(result)
   assert f"resumed from {run_dir / 'checkpoints'} at step {resumed_at}" in result.stdout
-  assert curve(run_dir) == curve(reference_dir)
+  assert curve(run_dir) == curve(reference[1])
+
+
+def test_kill_mid_step_then_resume_equals_uninterrupted(reference, tmp_path):
+  preset, _ = reference
+  run_dir = tmp_path / "run"
+  kill_when(preset, run_dir, lambda: 6 in saved_steps(run_dir))  # training goes on past step 6 meanwhile
+  resumes_on_the_reference_curve(reference, run_dir)
 
 
 def test_kill_mid_save_then_resume_equals_uninterrupted(reference, tmp_path):
   """SIGKILL while Orbax is writing a checkpoint (its temporary folder exists) after an earlier one finished: the
   resumed run ignores the partial save, resumes from the earlier checkpoint and ends with the uninterrupted losses."""
-  preset, reference_dir = reference
+  preset, _ = reference
   run_dir = tmp_path / "run"
   checkpoints = run_dir / "checkpoints"
 
@@ -127,12 +133,7 @@ def test_kill_mid_save_then_resume_equals_uninterrupted(reference, tmp_path):
 
   kill_when(preset, run_dir, saving)
   assert list(checkpoints.glob("*.orbax-checkpoint-tmp*")), "the save was not cut off"
-  resumed_at = max(saved_steps(run_dir))
-  result = resume(reference, run_dir)
-  assert result.returncode == 0, result.stderr
-  no_traceback(result)
-  assert f"resumed from {checkpoints} at step {resumed_at}" in result.stdout
-  assert curve(run_dir) == curve(reference_dir)
+  resumes_on_the_reference_curve(reference, run_dir)
 
 
 def _truncate(step_dir: pathlib.Path) -> str:
@@ -255,7 +256,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing_behind(reference, tmp_path):
   cache = tmp_path / "cache"
   message = one_line_error(qsparse("train", "--config", preset, out, f"data.paths={tiny}",
                                    f"data.data_dir={cache}"))
-  assert message == (f"data.paths: the corpus (1 file(s), 8 bytes) leaves no text for its validation split at "
+  assert message == ("data.paths: the corpus (1 file(s), 8 bytes) leaves no text for its validation split at "
                      "data.validation_fraction=0.05: give more text")
   assert not any(p.is_file() for p in cache.rglob("*")), sorted(cache.rglob("*"))  # no half-built dataset
   assert not (tmp_path / "never").exists()
