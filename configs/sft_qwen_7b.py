@@ -9,6 +9,9 @@ parquet files once, e.g. with pandas' to_json(orient="records", lines=True)). Ro
 conversations (packing without attention across them), so one epoch is fewer steps than records / 128: the
 preset's steps assume about 4.2M records and 4 conversations per row; adjust train.steps to your copy.
 
+Slice: v5p-64 (32 chips, FSDP over all of them), remat full, 4 micro-batches of 32 rows: 27.9 GiB per chip (0.29 of
+HBM), measured with `qsparse compile --config configs/sft_qwen_7b.py --topology v5p-64`.
+
     qsparse train --config configs/sft_qwen_7b.py train.init_from=hf:/models/Qwen1.5-7B \
         data.tokenizer=hf:/models/Qwen1.5-7B/tokenizer.json data.paths=/data/openorca
 """
@@ -25,10 +28,11 @@ RECORDS, CONVERSATIONS_PER_ROW, BATCH = 4_200_000, 4, 128
 STEPS = RECORDS // (CONVERSATIONS_PER_ROW * BATCH)  # one epoch
 
 config = Config(
-    model=dataclasses.replace(QWEN1_5_7B, sparsity_qkv=0.4, sparsity_out=0.4, sparsity_up=0.4, sparsity_down=0.6),
+    model=dataclasses.replace(QWEN1_5_7B, sparsity_qkv=0.4, sparsity_out=0.4, sparsity_up=0.4, sparsity_down=0.6,
+                              remat="full"),
     data=DataConfig(source="files", paths=("/data/openorca",), format="instructions", chat_template="chatml",
                     seq_len=2048, validation_fraction=0.002, tokenizer="hf:/models/Qwen1.5-7B/tokenizer.json"),
-    train=TrainConfig(steps=STEPS, batch_size=BATCH, learning_rate=5e-6, end_learning_rate=5e-7,
+    train=TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=4, learning_rate=5e-6, end_learning_rate=5e-7,
                       warmup_steps=round(0.03 * STEPS), decay="cosine", weight_decay=0.0, clip_norm=1.0,
                       eval_every=500, eval_batches=16, checkpoint_every=500, out_dir="runs/sft_qwen_7b",
                       init_from="hf:/models/Qwen1.5-7B",
