@@ -92,16 +92,19 @@ def slice_mesh(config: Config, tpu: Slice) -> Mesh:
   return sharding.make_mesh(config.mesh, description.devices)
 
 
-def abstract_step(config: Config, mesh: Mesh):
-  """(the jitted train step, its abstract state and batch) exactly as `qsparse train` builds them on mesh."""
+def abstract_step(config: Config, mesh: Mesh | None):
+  """(the jitted train step, its abstract state and batch) exactly as `qsparse train` builds them on mesh; with no
+  mesh, the unsharded step of one device (what program_flops counts)."""
   mc, tc, dc = config.model, config.train, config.data
   tx = make_optimizer(tc)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(tc.seed))))
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params)}
-  shardings = sharding.train_state_shardings(state, tx, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  rows = jax.ShapeDtypeStruct((tc.batch_size, dc.seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  shardings = None if mesh is None else sharding.train_state_shardings(state, tx, mesh)
+  if mesh is not None:
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  rows = jax.ShapeDtypeStruct((tc.batch_size, dc.seq_len + 1), jnp.int32,
+                              sharding=None if mesh is None else sharding.batch_sharding(mesh))
   if dc.format == "instructions":
     batch, loss_fn = {k: rows for k in ("tokens", "loss_mask", "segment_ids", "positions")}, response_loss
   else:
@@ -132,17 +135,9 @@ def program_flops(config: Config) -> float:
   is split over devices, lowered for this host (a TPU target's lowering has no cost analysis). Counted without
   micro-batches: XLA counts a loop's body once, whatever its trip count, and the micro-batched step does the same
   FLOPs as the whole batch at once."""
-  mc, tc, dc = config.model, config.train, config.data
-  tx = make_optimizer(tc)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(tc.seed))))
-  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-           "opt_state": jax.eval_shape(tx.init, params)}
-  rows = jax.ShapeDtypeStruct((tc.batch_size, dc.seq_len + 1), jnp.int32)
-  if dc.format == "instructions":
-    batch, loss_fn = {k: rows for k in ("tokens", "loss_mask", "segment_ids", "positions")}, response_loss
-  else:
-    batch, loss_fn = rows, lm_loss
-  cost = make_train_step(graphdef, tx, loss_fn=loss_fn).lower(state, batch).cost_analysis()
+  whole = dataclasses.replace(config, train=dataclasses.replace(config.train, microbatches=1))
+  step, state, batch = abstract_step(whole, None)
+  cost = step.lower(state, batch).cost_analysis()
   return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
