@@ -7,8 +7,8 @@ lowered on a CPU host for a TPU slice (libtpu's deviceless topologies) holds the
     compiled for   backend "auto"                                              "pallas"             "xla"
     TPU            splash attention (Pallas, jax.experimental.pallas.ops.tpu)  splash attention     XLA path
     CUDA GPU       cuDNN flash attention (jax.nn.dot_product_attention) for    XLA path             XLA path
-                   bf16/fp16 without segment ids, when this host can trace
-                   cuDNN; the XLA path otherwise
+                   bf16/fp16 and head dims of 8..128, when this host can
+                   trace cuDNN (jax's CUDA plugin); the XLA path otherwise
     anything else  the XLA path                                                splash, interpreted  XLA path
 
 The XLA path (`causal_attention` over `causal_mask`) materialises float32 scores [B, H, G, T, S]. Splash attention
@@ -16,9 +16,9 @@ pads the head dim and the sequence up to multiples of 128 (exact: padded keys si
 causal mask hides them; padded queries and head dims are sliced off), so it takes every shape. Mosaic kernels are
 not partitioned by XLA: under a mesh set by `jax.set_mesh` the kernel runs per shard inside `jax.shard_map`, batch
 over ("data", "fsdp") and heads over "tensor" where they divide (else that axis is replicated); a program XLA
-partitions only through its arguments' shardings (no `jax.set_mesh`) takes the XLA path. cuDNN cannot take segment
-ids without a materialised [B, 1, T, S] bias (packed-layout offsets are not public API), so packed rows take the
-XLA path on GPUs.
+partitions only through its arguments' shardings (no `jax.set_mesh`) takes the XLA path. cuDNN takes segment ids
+only as a mask, which it turns into a [B, 1, T, S] bias in q's dtype (packed-layout offsets are not public API):
+still quadratic in T, but 2N times smaller than the XLA path's float32 scores.
 
 Shapes: B batch, T query time, S key time (S = T here), N query heads, H kv heads, G = N / H, K head dim.
 """
@@ -122,16 +122,21 @@ def _splash(q_btnk, k_bshk, v_bshk, segment_ids_bt, *, interpret: bool):
   return jax.shard_map(fn, in_specs=in_specs, out_specs=qkv_spec, axis_names=set(auto), check_vma=False)(*args)
 
 
-def _cudnn(q_btnk, k_bshk, v_bshk):
-  return jax.nn.dot_product_attention(q_btnk, k_bshk, v_bshk, is_causal=True, implementation="cudnn")
+def _cudnn(q_btnk, k_bshk, v_bshk, segment_ids_bt):
+  """cuDNN flash attention; segment ids go in as a [B, 1, T, S] mask (cuDNN adds it as a bias)."""
+  mask_b1ts = None
+  if segment_ids_bt is not None:
+    mask_b1ts = segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :]
+  return jax.nn.dot_product_attention(q_btnk, k_bshk, v_bshk, mask=mask_b1ts, is_causal=True, implementation="cudnn")
 
 
 @functools.lru_cache(maxsize=64)
-def _cudnn_traces(shape_q, shape_kv, dtype) -> bool:
+def _cudnn_traces(shape_q, shape_kv, dtype, segments: bool) -> bool:
   """Whether this host traces cuDNN attention for these shapes (it needs jax's CUDA plugin; on a CPU-only host
-  cuDNN's version check raises, so the CUDA branch is left out and the program holds the XLA path there)."""
+  without it cuDNN's version check raises, so the CUDA branch is left out and the program holds the XLA path)."""
+  ids = jax.ShapeDtypeStruct(shape_q[:2], jnp.int32) if segments else None
   try:
-    jax.eval_shape(_cudnn, jax.ShapeDtypeStruct(shape_q, dtype), *(jax.ShapeDtypeStruct(shape_kv, dtype),) * 2)
+    jax.eval_shape(_cudnn, jax.ShapeDtypeStruct(shape_q, dtype), *(jax.ShapeDtypeStruct(shape_kv, dtype),) * 2, ids)
     return True
   except (RuntimeError, ValueError, NotImplementedError, TypeError):
     return False
@@ -157,10 +162,11 @@ def attention(q_btnk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, segment_i
   mosaic = functools.partial(_splash, interpret=False)
   if backend == "pallas":
     return lax.platform_dependent(*args, tpu=mosaic, default=functools.partial(_splash, interpret=True))
-  if dispatch.partitioned(q_btnk, k_bshk, v_bshk) and jax.sharding.get_abstract_mesh().empty:
-    return _xla(*args)  # partitioned by the arguments' shardings alone: no mesh to shard_map over
-  branches = {"tpu": mosaic}
-  if (segment_ids_bt is None and any(q_btnk.dtype == d for d in CUDNN_DTYPES)
-      and _cudnn_traces(q_btnk.shape, k_bshk.shape, q_btnk.dtype)):
-    branches["cuda"] = lambda q, k, v, ids: _cudnn(q, k, v)
+  # Partitioned by the arguments' shardings alone, the kernel has no mesh to run per shard over (cuDNN's custom
+  # call has XLA partitioning rules; Mosaic's has none).
+  by_arguments_only = dispatch.partitioned(q_btnk, k_bshk, v_bshk) and jax.sharding.get_abstract_mesh().empty
+  branches = {"tpu": _xla if by_arguments_only else mosaic}
+  if (any(q_btnk.dtype == d for d in CUDNN_DTYPES) and kd % 8 == 0 and kd <= 128
+      and _cudnn_traces(q_btnk.shape, k_bshk.shape, q_btnk.dtype, segment_ids_bt is not None)):
+    branches["cuda"] = _cudnn
   return lax.platform_dependent(*args, default=_xla, **branches)
