@@ -1,0 +1,103 @@
+"""`qsparse compile` for NVIDIA GPUs without a GPU: jax's CUDA plugin compiles the train step from XLA's description of
+an H100 or H200 (qsparse_jax/training/gpu_specs/).
+
+The plugin lives in its own environment (scripts/cuda_compile_env.sh makes .venv-cuda); these tests run there in a
+fresh process and are skipped, saying so, where neither that environment nor this one has it. The paper's 300M preset
+cut to one layer and a short batch compiles in about 20 s per target: each GPU's arguments are exactly its FSDP share
+of the float32 weights and both Adam moments plus its rows of the batch, and a step too big for one H100 exits 1 with
+the advice.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from qsparse_jax.config import apply_overrides, load_preset
+from qsparse_jax.nn.model import count_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PRESET = "configs/paper_300m.py"
+SMALL = ["model.num_layers=1", "train.batch_size=32", "data.seq_len=512", "train.microbatches=1"]
+
+
+def cuda_python() -> str | None:
+  """An interpreter with jax's CUDA plugin: this one, else .venv-cuda's."""
+  if importlib.util.find_spec("jax_cuda12_plugin") is not None:
+    return sys.executable
+  venv = ROOT / ".venv-cuda" / "bin" / "python"
+  if venv.exists() and subprocess.run([venv, "-c", "import jax_cuda12_plugin"], capture_output=True).returncode == 0:
+    return str(venv)
+  return None
+
+
+PYTHON = cuda_python()
+pytestmark = pytest.mark.skipif(PYTHON is None, reason="no jax CUDA plugin here or in .venv-cuda (make it with "
+                                "bash scripts/cuda_compile_env.sh)")
+
+REPORT = """
+import dataclasses, json, sys
+from qsparse_jax.config import apply_overrides, load_preset
+from qsparse_jax.training import compile as aot
+r = aot.compile_for(apply_overrides(load_preset(sys.argv[1]), sys.argv[3:]), sys.argv[2])
+print(json.dumps({k: v for k, v in dataclasses.asdict(r).items() if isinstance(v, (int, float, str, bool))}))
+"""
+
+
+def run(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+  return subprocess.run([PYTHON, *args], capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+
+
+@pytest.mark.parametrize("gpus", ["h100x8", "h200x8"])
+def test_each_gpu_holds_its_fsdp_share_of_the_train_state(gpus):
+  result = run("-c", REPORT, PRESET, gpus, *SMALL)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  cfg = apply_overrides(load_preset(PRESET), SMALL)
+  params = count_params(cfg.model)["total"]
+  rows = cfg.train.batch_size * (cfg.data.seq_len + 1) * 4
+  # float32 weights, Adam's mu and nu, split 8 ways (FSDP over every GPU; the norm scales, 1/40000 of the weights, stay
+  # whole), the batch's rows split 8 ways, the step and Adam's count
+  want = (3 * 4 * params + rows) / 8
+  assert report["argument_bytes"] == pytest.approx(want, rel=2e-4)
+  assert report["fits"] and 0 < report["temp_bytes"] < 8 << 30
+  assert report["peak_bytes"] == (report["argument_bytes"] + report["temp_bytes"] + report["output_bytes"]
+                                  - report["alias_bytes"])
+  assert report["alias_bytes"] >= 3 * 4 * params / 8  # the new state is written over the old one
+
+
+def test_a_step_too_big_for_the_gpu_exits_1_with_the_advice():
+  """The full 256 x 2048 batch in one go without remat needs far more than one H100's 79 GiB (float32 logits alone
+  are 67 GB); the command prints the memory it found and exits 1, and the same command fits an H200 at batch 32."""
+  layer = ["model.num_layers=1", "model.remat=none", "train.microbatches=1"]
+  result = run("-m", "qsparse_jax.cli", "compile", "--config", PRESET, "--topology", "h100x1", *layer)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert re.search(r"peak +[\d.]+ GiB of +79.14 GiB", result.stdout)
+  errors = [line for line in result.stderr.splitlines() if line.startswith("qsparse compile:")]
+  assert len(errors) == 1 and re.fullmatch(
+      r"qsparse compile: error: configs/paper_300m.py does not fit h100x1 \([\d.]+ GiB per GPU, beyond its 79.1 "
+      r"GiB\); try model.remat=full, then train.microbatches=2, then a larger slice", errors[0]), errors
+  fits = run("-m", "qsparse_jax.cli", "compile", "--config", PRESET, "--topology", "h200x1", *layer,
+             "train.batch_size=32", "data.seq_len=512")
+  assert fits.returncode == 0, fits.stderr[-2000:]
+  lines = fits.stdout.strip().splitlines()
+  assert lines[0] == "slice: h200x1 = 1 H200 GPU (1 host of 1, 1x1x1), 139.9 GiB HBM and 989 TFLOP/s bf16 each"
+  assert 0 < float(lines[-1].removeprefix("hbm_fraction: ")) < 0.1
+
+
+def test_decode_step_compiles_for_two_hosts():
+  """generate's decode step over 16 H200s on two hosts: weights split 16 ways, the 16 rows' cache one row each."""
+  result = run("-m", "qsparse_jax.cli", "compile", "--decode", "--batch", "16", "--context", "1024", "--config",
+               PRESET, "--topology", "h200x16", "model.num_layers=1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[:3] == ["slice: h200x16 = 16 H200 GPUs (2 hosts of 8, 1x2x8), 139.9 GiB HBM and 989 TFLOP/s bf16 each",
+                       "mesh: data 1 x fsdp 16 x tensor 1",
+                       "decode step: 16 rows x 1 token, KV cache of 1024 tokens (rows split over data x fsdp)"]
+  assert lines[-1].startswith("hbm_fraction: ")
