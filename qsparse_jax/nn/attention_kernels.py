@@ -84,7 +84,7 @@ def _splash_blocks(t: int) -> splash.BlockSizes:
 def _splash_local(q_btnk, k_bshk, v_bshk, segment_ids_bt, *, interpret: bool):
   """Splash attention on one device (or one shard): pads T and K to multiples of 128, runs the kernel per batch row
   on [N, T, K] / [H, T, K], slices the padding off. segment_ids_bt may be None."""
-  b, t, n, kd = q_btnk.shape
+  t, n, kd = q_btnk.shape[1:]
   tp, kp = dispatch.round_up(t, SPLASH_TILE), dispatch.round_up(kd, SPLASH_TILE)
   q_btnk = (q_btnk.astype(jnp.float32) * kd ** -0.5).astype(q_btnk.dtype)  # splash does not scale the logits
 
@@ -115,7 +115,7 @@ def _splash(q_btnk, k_bshk, v_bshk, segment_ids_bt, *, interpret: bool):
   heads = HEAD_AXIS if HEAD_AXIS in auto and k_bshk.shape[2] % mesh.shape[HEAD_AXIS] == 0 else None
   qkv_spec, ids_spec = jax.P(batch, None, heads, None), jax.P(batch, None)
   if segment_ids_bt is None:
-    fn = lambda q, k, v: local(q, k, v, None)  # noqa: E731
+    fn = lambda q, k, v: local(q, k, v, None)
     in_specs, args = (qkv_spec,) * 3, (q_btnk, k_bshk, v_bshk)
   else:
     fn, in_specs, args = local, (qkv_spec,) * 3 + (ids_spec,), (q_btnk, k_bshk, v_bshk, segment_ids_bt)
