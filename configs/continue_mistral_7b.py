@@ -21,7 +21,7 @@ MISTRAL_7B = ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_head
 
 config = Config(
     model=dataclasses.replace(MISTRAL_7B, sparsity_qkv=0.4, sparsity_out=0.4, sparsity_up=0.4, sparsity_down=0.6,
-                              remat="full"),
+                              remat="full", scan_layers=True),
     data=DataConfig(source="tfds", tfds_name="c4/en", seq_len=4096,
                     tokenizer="hf:/models/Mistral-7B-v0.1/tokenizer.json"),
     train=TrainConfig(steps=10_000, batch_size=1024, microbatches=8, learning_rate=5e-5, end_learning_rate=1e-6,

@@ -29,7 +29,7 @@ STEPS = RECORDS // (CONVERSATIONS_PER_ROW * BATCH)  # one epoch
 
 config = Config(
     model=dataclasses.replace(QWEN1_5_7B, sparsity_qkv=0.4, sparsity_out=0.4, sparsity_up=0.4, sparsity_down=0.6,
-                              remat="full"),
+                              remat="full", scan_layers=True),
     data=DataConfig(source="files", paths=("/data/openorca",), format="instructions", chat_template="chatml",
                     seq_len=2048, validation_fraction=0.002, tokenizer="hf:/models/Qwen1.5-7B/tokenizer.json"),
     train=TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=4, learning_rate=5e-6, end_learning_rate=5e-7,

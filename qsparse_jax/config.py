@@ -154,6 +154,8 @@ def _parse_value(text: str, annotation: Any, where: str) -> Any:
       return value
     if kind is bool and isinstance(value, bool):
       return value
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):  # as a shell user writes it
+      return value.lower() == "true"
     if kind is str and isinstance(value, str):
       return value
   expected = " or ".join(str(a).replace("typing.", "") for a in allowed)
@@ -211,11 +213,13 @@ def paper_pretraining(name: str, *, d_model: int, d_ff: int, num_heads: int, num
   Sequence 2048, 0.5M tokens per batch (256 x 2048) for 50B tokens (100k steps), Adam(0.9, 0.95), weight decay 0.1,
   ReLU²GLU, top-K 70% (sparsity 0.3) at every site, bfloat16 compute, a 32k vocabulary (point data.tokenizer at a
   SentencePiece model of that size) and a TFDS text dataset. remat and microbatches size the step for its slice
-  (`qsparse compile` checks a slice before a run pays for it).
+  (`qsparse compile` checks a slice before a run pays for it); the blocks run as one scan, so the step compiles in
+  the same time at any depth.
   """
   return Config(
       model=ModelConfig(vocab_size=32000, d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_ff=d_ff,
-                        max_seq_len=2048, activation="relu2", tie_embeddings=False, dtype="bfloat16", remat=remat)
+                        max_seq_len=2048, activation="relu2", tie_embeddings=False, dtype="bfloat16", remat=remat,
+                        scan_layers=True)
       .with_sparsity(0.3),
       data=DataConfig(source="tfds", tfds_name="c4/en", seq_len=2048),
       train=TrainConfig(steps=100_000, batch_size=256, microbatches=microbatches, learning_rate=learning_rate,

@@ -21,10 +21,12 @@ def batches(n=2):
   return [rng.integers(0, 257, (2, 33)).astype(np.int32) for _ in range(n)]
 
 
-def test_silu_model_measures_the_configured_top_k_and_the_loss_of_train():
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+def test_silu_model_measures_the_configured_top_k_and_the_loss_of_train(scan_layers):
   # SiLU GLU products and normalized inputs hold no exact zeros: each site's measured sparsity is 1 - K/D exactly.
+  # A model trained with its blocks scanned is measured layer by layer all the same (the same parameters).
   cfg = dataclasses.replace(BASE, activation="silu", sparsity_qkv=0.25, sparsity_out=0.5, sparsity_up=0.4,
-                            sparsity_down=0.6)
+                            sparsity_down=0.6, scan_layers=scan_layers)
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   result = evaluate(graphdef, params, cfg, batches(), step=7)
   hk = cfg.num_heads * cfg.head_size

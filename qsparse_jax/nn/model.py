@@ -32,7 +32,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 # Fields that choose how the model runs, not what it computes from its weights: a run may resume with them changed.
-EXECUTION_FIELDS = ("kernels", "remat")
+EXECUTION_FIELDS = ("kernels", "remat", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +73,16 @@ class ModelConfig:
   # What the backward pass keeps of each block: "none" (every activation), "full" (only the block's input; the rest
   # is recomputed) or "dots" (the matmul outputs; the elementwise work is recomputed). jax.checkpoint per block.
   remat: Literal["none", "full", "dots"] = "none"
+  # Run the blocks as one lax.scan over their parameters stacked along a new leading axis (scan_blocks): compile
+  # time and program size stop growing with depth. The parameters keep their per-layer layout (checkpoints, HF
+  # import and export are the same either way); only the compiled program differs.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.kernels not in ("auto", "xla", "pallas"):
       raise ValueError(f"model.kernels must be 'auto', 'xla' or 'pallas', got {self.kernels!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {', '.join(map(repr, REMAT_POLICIES))}, got {self.remat!r}")
     positive = ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len")
@@ -178,6 +184,36 @@ def _run_block(block: Block, x_btd, positions_bt, segment_ids_bt):
   return block(x_btd, positions_bt, segment_ids_bt)
 
 
+def _capturing(module: nnx.Module) -> bool:
+  """Whether module runs inside nnx.capture (inference.evaluation counts each projection's zeros): the blocks then
+  run one by one, so that what each sows stays its own."""
+  return getattr(module, "__captures__", None) is not None
+
+
+def scan_blocks(blocks, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array | None, *,
+                remat: str = "none") -> jax.Array:
+  """x [B, T, D] through every block in turn, as one lax.scan: the blocks' parameters are stacked along a new
+  leading layer axis (each parameter [L, ...], split over the mesh as the per-layer one is), and the scan body is
+  one block, traced and compiled once whatever the depth. Under remat the body is rematerialised with the policy
+  of REMAT_POLICIES, as the unrolled loop's blocks are; the residual stream stays split by batch between blocks.
+
+  The per-layer parameters are the model's; the stacked copy is made inside the program, so checkpoints and
+  everything that reads parameters by layer are the same with and without the scan.
+  """
+  graphdef, first = nnx.split(blocks[0])
+  states = [first] + [nnx.split(block)[1] for block in blocks[1:]]
+  stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)
+
+  def body(h_btd, state):
+    h_btd = nnx.merge(graphdef, state)(h_btd, positions_bt, segment_ids_bt)
+    return constrain(h_btd, ("batch", None, None)), None
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  x_btd, _ = jax.lax.scan(body, x_btd, stacked)
+  return x_btd
+
+
 class Transformer(nnx.Module):
   """The decoder: tokens [B, T] int -> logits [B, T, V] float32."""
 
@@ -200,11 +236,14 @@ class Transformer(nnx.Module):
     residual = ("batch", None, None)  # the residual stream: split by batch, whole along the model width
     table_vd = constrain(self.embed[...], ("vocab", None))  # gather whole rows: FSDP's split of D is undone once
     x_btd = constrain(jnp.take(table_vd, tokens_bt, axis=0).astype(self.cfg.compute_dtype), residual)
-    run_block = _run_block
-    if self.cfg.remat != "none":
-      run_block = nnx.remat(_run_block, policy=REMAT_POLICIES[self.cfg.remat])
-    for block in self.blocks:
-      x_btd = constrain(run_block(block, x_btd, positions_bt, segment_ids_bt), residual)
+    if self.cfg.scan_layers and len(self.blocks) > 1 and not _capturing(self.blocks[0]):
+      x_btd = scan_blocks(self.blocks, x_btd, positions_bt, segment_ids_bt, remat=self.cfg.remat)
+    else:
+      run_block = _run_block
+      if self.cfg.remat != "none":
+        run_block = nnx.remat(_run_block, policy=REMAT_POLICIES[self.cfg.remat])
+      for block in self.blocks:
+        x_btd = constrain(run_block(block, x_btd, positions_bt, segment_ids_bt), residual)
     x_btd = self.final_norm(x_btd)
     head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
