@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qsparse_jax.nn.linear import DENSE, SparseLinear, keep_entries, project_kept, site_kwargs, sparsify_site
+from qsparse_jax.nn.linear import DENSE, SparseLinear, decode_site, project, site_kwargs
 from qsparse_jax.nn.rope import RopeScaling, apply_rope, rope_frequencies
 from qsparse_jax.ops import SparsityConfig
 from qsparse_jax.parallel.sharding import constrain
@@ -46,8 +46,9 @@ def causal_mask(positions_bt: jax.Array, segment_ids_bt: jax.Array | None = None
 class Attention(nnx.Module):
   """Causal multi-head (optionally grouped-query) attention with RoPE and two Q-Sparse sites (method.md §1).
 
-  The input x is sparsified once by `qkv_site` and feeds q, k and v; the attention output is sparsified by `out_site`
-  inside the output projection. qkv_bias adds biases to q/k/v (Qwen2).
+  q_proj, k_proj and v_proj carry `qkv_site`: the input x is sparsified once for the three (linear.project) and each
+  multiplies with the site's full treatment (n:m kernel, packed int8 x ternary, kept-entries decode). The attention
+  output is sparsified by `out_site` inside the output projection. qkv_bias adds biases to q/k/v (Qwen2).
 
   __call__(x_btd, positions_bt, segment_ids_bt=None) -> [B, T, D].
   """
@@ -62,12 +63,10 @@ class Attention(nnx.Module):
       raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     common = dict(ternary_weights=ternary_weights, kernels=kernels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.kernels = kernels
-    self.q_proj = SparseLinear(d_model, num_heads * head_dim, use_bias=qkv_bias, kernel_axes=("embed", "heads"),
-                               **common)
-    self.k_proj = SparseLinear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias,
-                               kernel_axes=("embed", "kv_heads"), **common)
-    self.v_proj = SparseLinear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias,
-                               kernel_axes=("embed", "kv_heads"), **common)
+    qkv = dict(use_bias=qkv_bias, **site_kwargs(qkv_site), **common)
+    self.q_proj = SparseLinear(d_model, num_heads * head_dim, kernel_axes=("embed", "heads"), **qkv)
+    self.k_proj = SparseLinear(d_model, num_kv_heads * head_dim, kernel_axes=("embed", "kv_heads"), **qkv)
+    self.v_proj = SparseLinear(d_model, num_kv_heads * head_dim, kernel_axes=("embed", "kv_heads"), **qkv)
     self.o_proj = SparseLinear(num_heads * head_dim, d_model, use_bias=False, kernel_axes=("heads", "embed"),
                                **site_kwargs(out_site), **common)
     self.qkv_site = qkv_site
@@ -76,14 +75,12 @@ class Attention(nnx.Module):
     self.rope_scaling = rope_scaling
 
   def project_qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
-    """Sparsify x once (the q/k/v site) and return RoPE'd q [B,T,N,K], k [B,T,H,K] and v [B,T,H,K]."""
+    """Sparsify x once (the q/k/v site, linear.project) and return RoPE'd q [B,T,N,K], k [B,T,H,K] and v [B,T,H,K]."""
     b, t, _ = x_btd.shape
-    xs_btd = sparsify_site(x_btd, self.qkv_site, self.kernels)
-    q = constrain(self.q_proj(xs_btd).reshape(b, t, self.num_heads, self.head_dim), ("batch", None, "heads", None))
-    k = constrain(self.k_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim),
-                  ("batch", None, "kv_heads", None))
-    v = constrain(self.v_proj(xs_btd).reshape(b, t, self.num_kv_heads, self.head_dim),
-                  ("batch", None, "kv_heads", None))
+    q, k, v = project(x_btd, self.q_proj, self.k_proj, self.v_proj)
+    q = constrain(q.reshape(b, t, self.num_heads, self.head_dim), ("batch", None, "heads", None))
+    k = constrain(k.reshape(b, t, self.num_kv_heads, self.head_dim), ("batch", None, "kv_heads", None))
+    v = constrain(v.reshape(b, t, self.num_kv_heads, self.head_dim), ("batch", None, "kv_heads", None))
     inv_freq = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
     return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
 
@@ -104,12 +101,10 @@ class Attention(nnx.Module):
     row (a decode step), the q/k/v and output projections multiply only the rows of W their kept entries select.
     """
     b, t, _ = x_btd.shape
-    kept = keep_entries(x_btd[:, 0], self.qkv_site) if sparse and t == 1 and not self.q_proj.is_packed else None
-    if kept is None:
-      xs_btd = sparsify_site(x_btd, self.qkv_site, self.kernels)
-      q, k, v = self.q_proj(xs_btd), self.k_proj(xs_btd), self.v_proj(xs_btd)
+    if sparse and t == 1:  # one sparse_matvecs pass over the kept entries (packed: ternary_matmul)
+      q, k, v = (y[:, None] for y in decode_site(x_btd[:, 0], self.q_proj, self.k_proj, self.v_proj))
     else:
-      q, k, v = (y[:, None] for y in project_kept(kept, self.q_proj, self.k_proj, self.v_proj))
+      q, k, v = project(x_btd, self.q_proj, self.k_proj, self.v_proj)
     q = q.reshape(b, t, self.num_heads, self.head_dim)
     k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qsparse_jax.nn.linear import DENSE, SparseLinear, keep_entries, project_kept, site_kwargs, sparsify_site
+from qsparse_jax.nn.linear import DENSE, SparseLinear, decode_site, project, site_kwargs
 from qsparse_jax.ops import SparsityConfig
 from qsparse_jax.parallel.sharding import constrain
 
@@ -32,8 +32,9 @@ def glu_activation(gate: jax.Array, name: Activation) -> jax.Array:
 class GLUFeedForward(nnx.Module):
   """GLU feed-forward with two Q-Sparse sites: down(act(gate(x̃)) ⊙ up(x̃)), x̃ = x sparsified (method.md §1, §3).
 
-  `in_site` sparsifies the shared input of gate and up once; `down_site` sparsifies the GLU product (after the
-  activation, as method.md §1 prescribes for SiLU models) inside the down projection.
+  gate_proj and up_proj carry `in_site`: their shared input is sparsified once (linear.project) and each multiplies
+  with the site's full treatment (n:m kernel, packed int8 x ternary, kept-entries decode); `down_site` sparsifies
+  the GLU product (after the activation, as method.md §1 prescribes for SiLU models) inside the down projection.
 
   __call__(x_btd) -> [..., D]; hidden width F = d_ff.
   """
@@ -45,26 +46,20 @@ class GLUFeedForward(nnx.Module):
     common = dict(use_bias=False, ternary_weights=ternary_weights, kernels=kernels, dtype=dtype,
                   param_dtype=param_dtype, rngs=rngs)
     self.kernels = kernels
-    self.gate_proj = SparseLinear(d_model, d_ff, kernel_axes=("embed", "mlp"), **common)
-    self.up_proj = SparseLinear(d_model, d_ff, kernel_axes=("embed", "mlp"), **common)
+    self.gate_proj = SparseLinear(d_model, d_ff, kernel_axes=("embed", "mlp"), **site_kwargs(in_site), **common)
+    self.up_proj = SparseLinear(d_model, d_ff, kernel_axes=("embed", "mlp"), **site_kwargs(in_site), **common)
     self.down_proj = SparseLinear(d_ff, d_model, kernel_axes=("mlp", "embed"), **site_kwargs(down_site), **common)
     self.in_site = in_site
     self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xs = sparsify_site(x, self.in_site, self.kernels)
-    hidden = glu_activation(self.gate_proj(xs), self.activation) * self.up_proj(xs)
+    gate, up = project(x, self.gate_proj, self.up_proj)
+    hidden = glu_activation(gate, self.activation) * up
     if hidden.ndim == 3:
       hidden = constrain(hidden, ("batch", None, "mlp"))
     return self.down_proj(hidden)
 
   def decode(self, x_bd: jax.Array) -> jax.Array:
     """One token per row [B, D]: gate, up and down multiply only the rows of W their kept entries select."""
-    kept = None if self.gate_proj.is_packed else keep_entries(x_bd, self.in_site)
-    if kept is None:
-      xs = sparsify_site(x_bd, self.in_site, self.kernels)
-      hidden = glu_activation(self.gate_proj(xs), self.activation) * self.up_proj(xs)
-    else:
-      gate, up = project_kept(kept, self.gate_proj, self.up_proj)
-      hidden = glu_activation(gate, self.activation) * up
-    return self.down_proj.decode(hidden)
+    gate, up = decode_site(x_bd, self.gate_proj, self.up_proj)
+    return self.down_proj.decode(glu_activation(gate, self.activation) * up)

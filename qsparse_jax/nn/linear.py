@@ -22,6 +22,8 @@ from pallas_kernels.ternary_matmul import ops as tm_ops
 from pallas_kernels.topk import ops as topk_ops
 from qsparse_jax.ops import (SparsityConfig, absmax_quantize, absmean_ternary, keep_count, quantize_activations,
                              sparsify, ternarize)
+from qsparse_jax.parallel.rowwise import rowwise
+from qsparse_jax.parallel.sharding import constrain
 
 DENSE = SparsityConfig()
 
@@ -32,13 +34,30 @@ def logical_axes(axes: tuple[str | None, ...]) -> dict:
   return {"out_sharding": axes, "eager_sharding": False}
 
 
-def sparsify_site(x: jax.Array, site: SparsityConfig, kernels: str = "auto") -> jax.Array:
+def sparsify_site(x: jax.Array, site: SparsityConfig, kernels: str = "auto", width_axis: str | None = None
+                  ) -> jax.Array:
   """sparsify(x, site), through pallas_kernels.topk for a plain top-K site when `kernels` may select its kernel.
 
   kernels: "auto" (the kernel where the program is compiled for a TPU and topk's `kernel_supported` accepts x, the
   plain-JAX path otherwise: the same values and gradients), "xla" or "pallas" (pallas_kernels.dispatch). Sites
-  with n:m blocks, int8 activations or the L2 rescale use the plain-JAX operators.
+  with n:m blocks, int8 activations or the L2 rescale use the plain-JAX operators. Inside a mesh the selection runs
+  per shard of rows (parallel.rowwise): no collective inside its loops. width_axis: the logical name of x's last
+  axis where the mesh splits it ("heads", "mlp": the inputs of the output and down projections); the sparsified x
+  is laid out so again (a local slice of the whole rows the selection read), so that its projection stays
+  row-parallel instead of gathering its kernel.
   """
+  if site.is_identity:
+    return x
+  # The straight-through rule of method.md §2 (and §4's quantizer) passes the cotangent unchanged: no per-shard vjp.
+  straight_through = site.gradient == "ste" and site.method == "topk" and not site.l2_rescale
+  xs = rowwise(lambda x_rd: _sparsify_rows(x_rd, site, kernels), x, straight_through=straight_through)
+  if width_axis is not None and xs.ndim >= 2:
+    xs = constrain(xs, ("batch",) + (None,) * (xs.ndim - 2) + (width_axis,))
+  return xs
+
+
+def _sparsify_rows(x: jax.Array, site: SparsityConfig, kernels: str) -> jax.Array:
+  """sparsify_site on the rows of one shard (parallel.rowwise: each device selects its own rows' top-K)."""
   k = keep_count(x.shape[-1], site.sparsity)
   if 0 < k < x.shape[-1] and site.block is None and site.act_bits is None and not site.l2_rescale:
     if kernels == "pallas" or (kernels == "auto" and topk_ops.kernel_supported(x.shape, x.dtype)):
@@ -51,6 +70,20 @@ class Kept(NamedTuple):
 
   values: jax.Array
   indices: jax.Array
+
+
+class SiteInput(NamedTuple):
+  """One site's input, prepared once for every projection that reads it (`prepare_site`).
+
+  dense: x [..., D] as given (nm_matmul makes its n:m mask from it, tile by tile); sparse: sparsify_site(x) [..., D],
+  None when every reader multiplies through nm_matmul; codes: int8 [..., D], absmax_quantize(x) (method.md §4)
+  zeroed where sparse is, and scale [..., 1], for packed readers of an act_bits site (ternary_matmul), else None.
+  """
+
+  dense: jax.Array
+  sparse: jax.Array | None
+  codes: jax.Array | None
+  scale: jax.Array | None
 
 
 def keep_entries(x_bd: jax.Array, site: SparsityConfig) -> Kept | None:
@@ -128,6 +161,9 @@ class SparseLinear(nnx.Linear):
     self.site = site
     self.ternary_weights = ternary_weights
     self.kernels = kernels
+    # The logical name of the input's last axis where the mesh splits activations along it (the residual stream,
+    # "embed", stays whole): sparsify_site's width_axis.
+    self.input_axis = None if kernel_axes[0] in (None, "embed") else kernel_axes[0]
 
   def _n_m_kernel(self, inputs: jax.Array) -> bool:
     """Whether this call multiplies through pallas_kernels.nm_matmul (see the class docstring)."""
@@ -140,14 +176,21 @@ class SparseLinear(nnx.Linear):
     return nm_ops.kernel_supported(inputs.shape, w.shape, dtype, dtype, self.site.block[1])
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    return self.multiply(prepare_site(inputs, self), out_sharding)
+
+  def multiply(self, site_input: SiteInput, out_sharding=None) -> jax.Array:
+    """y [..., out] = (x ⊙ M) W + b from its site's input prepared once (`prepare_site`): through nm_matmul for an
+    n:m site where `kernels` picks it, ternary_matmul (int8 codes x 2-bit codes) when packed with act_bits, the
+    fake-quantized kernel (method.md §4) when ternary, a dense dot of the sparsified x otherwise."""
+    inputs = site_input.dense
     n_m_kernel = self._n_m_kernel(inputs)
-    x = inputs if n_m_kernel else sparsify_site(inputs, self.site, self.kernels)
+    x = inputs if n_m_kernel else site_input.sparse
     if getattr(self, "__captures__", None) is not None:  # inside nnx.capture (inference.evaluation): count zeros
       seen = sparsify_site(inputs, self.site, "xla") if n_m_kernel else x
       self.sow(nnx.Intermediate, INPUT_ZEROS, jnp.stack([jnp.sum(seen == 0), seen.size]).astype(jnp.float32),
                init_fn=lambda: jnp.zeros(2, jnp.float32), reduce_fn=jnp.add)
     if self.is_packed:
-      return self._packed_call(inputs, x)
+      return self._packed_call(site_input)
     kernel = ternarize(self.kernel[...]) if self.ternary_weights else self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
@@ -185,19 +228,18 @@ class SparseLinear(nnx.Linear):
     self.kernel_scale = PackedTernary(scale)
     del self.kernel
 
-  def _packed_call(self, inputs: jax.Array, x: jax.Array) -> jax.Array:
-    """y [..., out] from the packed codes; x is sparsify_site(inputs): with act_bits, its zeros mask the int8
-    codes of absmax_quantize(inputs) (the scale comes from max|x|, which top-K keeps)."""
+  def _packed_call(self, site_input: SiteInput) -> jax.Array:
+    """y [..., out] from the packed codes: with act_bits, the site's int8 codes (absmax_quantize of the dense input,
+    zeroed by its top-K: the scale comes from max|x|, which top-K keeps) through ternary_matmul; else the sparsified
+    float input times the unpacked codes."""
     packed, alpha = self.packed_kernel[...], self.kernel_scale[...]
     if self.site.act_bits is not None:
-      codes, scale = absmax_quantize(inputs, self.site.act_bits)
-      codes = jnp.where(x != 0, codes, jnp.int8(0))
-      y = tm_ops.ternary_matmul(codes, scale, packed, alpha, backend=self.kernels)
+      y = tm_ops.ternary_matmul(site_input.codes, site_input.scale, packed, alpha, backend=self.kernels)
     else:  # float activations: unpack the codes (exact in float32) and scale once
-      y = jnp.dot(x.astype(jnp.float32), tm_ops.unpack_ternary(packed).astype(jnp.float32)) * alpha
+      y = jnp.dot(site_input.sparse.astype(jnp.float32), tm_ops.unpack_ternary(packed).astype(jnp.float32)) * alpha
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype or inputs.dtype)
+    return y.astype(self.dtype or site_input.dense.dtype)
 
   def project_kept(self, kept: Kept) -> jax.Array:
     """y [B, out] = (x ⊙ M) W + b from the kept entries of x, reading only their rows of W (sparse_matvec)."""
@@ -207,8 +249,37 @@ class SparseLinear(nnx.Linear):
   def decode(self, x_bd: jax.Array) -> jax.Array:
     """The projection of one token per row [B, in]: through its own site's kept entries when it has them (packed
     ternary layers multiply all their 2-bit codes instead: ternary_matmul)."""
-    kept = None if self.is_packed else keep_entries(x_bd, self.site)
-    return self(x_bd) if kept is None else self.project_kept(kept)
+    (y,) = decode_site(x_bd, self)
+    return y
+
+
+def prepare_site(inputs: jax.Array, *layers: SparseLinear) -> SiteInput:
+  """The input [..., D] of the layers that share one site (q, k and v; gate and up), sparsified once: one top-K
+  selection (sparsify_site), and one int8 quantization if a packed layer reads it (method.md §1, §4)."""
+  site, kernels = layers[0].site, layers[0].kernels
+  if any(layer.site != site or layer.kernels != kernels for layer in layers):
+    raise ValueError("layers that share a site must have the same sparsity settings and kernels")
+  sparse = codes = scale = None
+  if not all(layer._n_m_kernel(inputs) for layer in layers):
+    sparse = sparsify_site(inputs, site, kernels, layers[0].input_axis)
+  if site.act_bits is not None and any(layer.is_packed for layer in layers):
+    codes, scale = rowwise(lambda x_rd: absmax_quantize(x_rd, site.act_bits), inputs)
+    codes = jnp.where(sparse != 0, codes, jnp.int8(0))
+  return SiteInput(inputs, sparse, codes, scale)
+
+
+def project(inputs: jax.Array, *layers: SparseLinear) -> tuple[jax.Array, ...]:
+  """(x ⊙ M) W_l + b_l [..., out_l] for each layer l that reads the site's input x [..., D]: one selection for all,
+  each layer multiplying with the site's full treatment (SparseLinear.multiply)."""
+  site_input = prepare_site(inputs, *layers)
+  return tuple(layer.multiply(site_input) for layer in layers)
+
+
+def decode_site(x_bd: jax.Array, *layers: SparseLinear) -> tuple[jax.Array, ...]:
+  """`project` for one token per row [B, D]: the kept entries of the site feed one sparse_matvecs pass over every
+  layer's W (project_kept) where the site has them; packed layers multiply all their 2-bit codes (ternary_matmul)."""
+  kept = None if any(layer.is_packed for layer in layers) else keep_entries(x_bd, layers[0].site)
+  return project(x_bd, *layers) if kept is None else project_kept(kept, *layers)
 
 
 def project_kept(kept: Kept, *layers: SparseLinear) -> tuple[jax.Array, ...]:
