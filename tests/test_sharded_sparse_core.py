@@ -2,6 +2,8 @@
 sharded train step has no collective inside a selection's loops and gathers no activation rows across the batch's
 devices; it computes the single-device step (method.md §1, §2)."""
 
+import dataclasses
+import itertools
 import math
 import re
 
@@ -35,11 +37,12 @@ def computations(hlo: str) -> dict[str, list[str]]:
 
 
 def loop_computations(comps: dict[str, list[str]]) -> set[str]:
-  """Every computation that runs inside a while loop: bodies and conditions, and what they call, transitively."""
+  """Every computation that runs inside a selection's while loops (ops.selection.row_thresholds: its bisections and
+  its row blocks; not a scan over layers): bodies and conditions, and what they call, transitively."""
   called = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations|true_computation|"
                       r"false_computation)=\{?%?([\w.\-, %]+)\}?")
   found = set()
-  todo = [name for lines in comps.values() for line in lines if " while(" in line
+  todo = [name for lines in comps.values() for line in lines if " while(" in line and "row_thresholds" in line
           for name in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)]
   while todo:
     name = todo.pop()
@@ -76,7 +79,7 @@ def parameter_shapes(params, mesh) -> set[tuple[int, ...]]:
     for size, axes in zip(leaf.shape, spec):
       axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
       options.append({size, size // math.prod(mesh.shape[a] for a in axes)})
-    shapes |= set(__import__("itertools").product(*options))
+    shapes |= set(itertools.product(*options))
   return shapes
 
 
@@ -108,16 +111,19 @@ def two_steps(step, state, tokens):
   return step(state, tokens)
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 4, 1)])  # (data, fsdp, tensor)
-def test_sharded_step_selects_per_shard(shape, setup):
+@pytest.mark.parametrize("shape, scan", [((1, 4, 2), False), ((2, 4, 1), False), ((1, 4, 2), True)],
+                         ids=["fsdp4-tensor2", "data2-fsdp4", "fsdp4-tensor2-scan"])  # (data, fsdp, tensor)
+def test_sharded_step_selects_per_shard(shape, scan, setup):
   tx, graphdef, state, tokens, (params_1, loss_1) = setup
+  if scan:  # the blocks as one lax.scan (the same parameters and step): one copy of each site in the program
+    graphdef, _ = init_train_state(dataclasses.replace(CFG, scan_layers=True), tx, seed=0)
   mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
   sharded = sharding.shard_train_state(jax.tree.map(jnp.copy, state), tx, mesh)  # the step donates its state
   tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh))
   step = make_train_step(graphdef, tx, mesh, jax.tree.map(lambda x: x.sharding, sharded))
   hlo = step.lower(sharded, tokens_s).compile().as_text()
   found = list(collectives(hlo))
-  assert " while(" in hlo and found
+  assert "row_thresholds" in hlo and found
 
   # No collective inside a loop: neither the bisection's counts nor its stop condition cross devices.
   assert not [c for c in found if c[3]], [c for c in found if c[3]]
@@ -134,7 +140,7 @@ def test_sharded_step_selects_per_shard(shape, setup):
   # forward pass (the straight-through backward passes the cotangent in its own layout).
   over_tensor = [c for c in gathers if c[2] == shape[2] and c[1] not in params]
   assert all(c[1][:2] == (8 // batch_devices, 16) for c in over_tensor), over_tensor
-  assert len(over_tensor) == (2 * CFG.num_layers if shape[2] > 1 else 0), over_tensor
+  assert len(over_tensor) == (2 * (1 if scan else CFG.num_layers) if shape[2] > 1 else 0), over_tensor
 
   new_state, metrics = two_steps(step, sharded, tokens_s)
   # float32: the sharded matmuls and reductions sum in another order, a few ulps of the O(1) loss; the top-K masks
