@@ -3,7 +3,8 @@
 May import qsparse_jax.ops, pallas_kernels and qsparse_jax.parallel; nothing above.
 """
 
-from qsparse_jax.nn.attention import Attention, causal_attention, causal_mask
+from qsparse_jax.nn.attention import Attention
+from qsparse_jax.nn.attention_kernels import attention, causal_attention, causal_mask
 from qsparse_jax.nn.feedforward import GLUFeedForward, glu_activation
 from qsparse_jax.nn.linear import (INPUT_ZEROS, Kept, SparseLinear, keep_entries, logical_axes, pack_ternary_layers,
                                    project_kept, sparsify_site)

@@ -10,37 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qsparse_jax.nn.attention_kernels import attention, causal_attention
 from qsparse_jax.nn.linear import DENSE, SparseLinear, decode_site, project, site_kwargs
 from qsparse_jax.nn.rope import RopeScaling, apply_rope, rope_frequencies
 from qsparse_jax.ops import SparsityConfig
 from qsparse_jax.parallel.sharding import constrain
-
-
-def causal_attention(q_btnk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, mask_bts: jax.Array) -> jax.Array:
-  """softmax(q kᵀ / sqrt(K) + mask) v with grouped-query heads (N = H·G), softmax in float32.
-
-  q: [B, T, N, K]; k, v: [B, S, H, K]; mask_bts: [B, T, S] bool, True where query t may attend to key s.
-  Returns [B, T, N, K]. Not sparsified (method.md §1: QKᵀ and softmax·V stay dense).
-  """
-  b, t, n, kd = q_btnk.shape
-  h = k_bshk.shape[2]
-  if n % h:
-    raise ValueError(f"query heads N={n} must be a multiple of kv heads H={h}")
-  q_bthgk = q_btnk.reshape(b, t, h, n // h, kd)
-  logits = jnp.einsum("bthgk,bshk->bhgts", q_bthgk, k_bshk, preferred_element_type=jnp.float32)
-  logits = logits * (kd ** -0.5)
-  logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_bshk.dtype)
-  out = jnp.einsum("bhgts,bshk->bthgk", probs, v_bshk)
-  return out.reshape(b, t, n, kd)
-
-
-def causal_mask(positions_bt: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
-  """[B, T, T] bool: key s visible to query t when s <= t (by position) and, if given, in the same segment."""
-  mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
-  if segment_ids_bt is not None:
-    mask &= segment_ids_bt[:, None, :] == segment_ids_bt[:, :, None]
-  return mask
 
 
 class Attention(nnx.Module):
@@ -49,6 +23,11 @@ class Attention(nnx.Module):
   q_proj, k_proj and v_proj carry `qkv_site`: the input x is sparsified once for the three (linear.project) and each
   multiplies with the site's full treatment (n:m kernel, packed int8 x ternary, kept-entries decode). The attention
   output is sparsified by `out_site` inside the output projection. qkv_bias adds biases to q/k/v (Qwen2).
+
+  QKᵀ and softmax·V run through attention_kernels.attention, chosen by the platform compiled for (splash attention
+  on TPU, cuDNN on GPU, XLA elsewhere): causal by index within each row, and within each segment when segment ids
+  are given; positions_bt only rotates q and k, so they must rise by one along each segment (arange, or restarting
+  at each packed conversation as data.instructions makes them).
 
   __call__(x_btd, positions_bt, segment_ids_bt=None) -> [B, T, D].
   """
@@ -90,7 +69,7 @@ class Attention(nnx.Module):
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     q, k, v = self.project_qkv(x_btd, positions_bt)
-    out_btnk = causal_attention(q, k, v, causal_mask(positions_bt, segment_ids_bt))
+    out_btnk = attention(q, k, v, segment_ids_bt, backend=self.kernels)
     return self.o_proj(out_btnk.reshape(b, t, self.num_heads * self.head_dim))
 
   def cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: dict, *, sparse: bool = True):
