@@ -4,8 +4,8 @@
 weight decay 0.01, from the dense Hugging Face checkpoint. Top-K at every site, after the activation for the SiLU
 down projection (method.md §1), at the sparsities of the paper's Table 2 (40% q/k/v, out, up/gate; 60% down).
 
-Slice: v5p-128 (64 chips, FSDP over all of them), remat full, 8 micro-batches of 128 rows: 33.9 GiB per chip (0.36 of
-HBM), measured with `qsparse compile --config configs/continue_mistral_7b.py --topology v5p-128`.
+Slice: v5p-128 (64 chips, FSDP over all of them), blocks scanned, remat full, 8 micro-batches of 128 rows: 9.5 GiB
+per chip (0.100 of HBM), measured with `qsparse compile --config configs/continue_mistral_7b.py --topology v5p-128`.
 
     qsparse train --config configs/continue_mistral_7b.py train.init_from=hf:/models/Mistral-7B-v0.1 \
         data.tokenizer=hf:/models/Mistral-7B-v0.1/tokenizer.json data.tfds_name=c4/en

@@ -1,8 +1,8 @@
 """The paper's 7b Q-Sparse model trained from scratch (method.md §7): hidden 4096, GLU 11008, 32 heads, 32 layers.
 
-Slice: v5p-128 (64 chips, FSDP over all of them), remat full, 2 micro-batches of 128 rows: 16.6 GiB per chip (0.17
-of HBM) at the paper's 256 x 2048 tokens per step, measured with `qsparse compile --config configs/paper_7b.py
---topology v5p-128` (docs/scaling-to-pods.md).
+Slice: v5p-128 (64 chips, FSDP over all of them), blocks scanned, remat full, 2 micro-batches of 128 rows: 6.1 GiB
+per chip (0.064 of HBM) at the paper's 256 x 2048 tokens per step, measured with
+`qsparse compile --config configs/paper_7b.py --topology v5p-128` (docs/scaling-to-pods.md).
 """
 
 from qsparse_jax.config import paper_pretraining

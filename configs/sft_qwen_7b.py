@@ -9,8 +9,8 @@ parquet files once, e.g. with pandas' to_json(orient="records", lines=True)). Ro
 conversations (packing without attention across them), so one epoch is fewer steps than records / 128: the
 preset's steps assume about 4.2M records and 4 conversations per row; adjust train.steps to your copy.
 
-Slice: v5p-64 (32 chips, FSDP over all of them), remat full, 4 micro-batches of 32 rows: 27.9 GiB per chip (0.29 of
-HBM), measured with `qsparse compile --config configs/sft_qwen_7b.py --topology v5p-64`.
+Slice: v5p-64 (32 chips, FSDP over all of them), blocks scanned, remat full, 4 micro-batches of 32 rows: 14.5 GiB
+per chip (0.153 of HBM), measured with `qsparse compile --config configs/sft_qwen_7b.py --topology v5p-64`.
 
     qsparse train --config configs/sft_qwen_7b.py train.init_from=hf:/models/Qwen1.5-7B \
         data.tokenizer=hf:/models/Qwen1.5-7B/tokenizer.json data.paths=/data/openorca
