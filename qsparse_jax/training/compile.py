@@ -192,8 +192,9 @@ def program_flops(config: Config) -> float:
   """XLA's count of the FLOPs of one train step of the whole slice: the step's program for the whole batch before it
   is split over devices, lowered for this host (a TPU target's lowering has no cost analysis). Counted without
   micro-batches: XLA counts a loop's body once, whatever its trip count, and the micro-batched step does the same
-  FLOPs as the whole batch at once."""
-  whole = dataclasses.replace(config, train=dataclasses.replace(config.train, microbatches=1))
+  FLOPs as the whole batch at once; and with the layers unrolled (model.scan_layers off), for the same reason."""
+  whole = dataclasses.replace(config, train=dataclasses.replace(config.train, microbatches=1),
+                              model=dataclasses.replace(config.model, scan_layers=False))
   step, state, batch = abstract_step(whole, None)
   cost = step.lower(state, batch).cost_analysis()
   return float((cost[0] if isinstance(cost, list) else cost)["flops"])
@@ -237,10 +238,10 @@ class Report:
                  f"peak {gib(self.peak_bytes)} of {gib(chip.hbm_bytes)}")
     if not self.fits:
       return out + [f"does not fit: {self.error}"]
-    out += [f"FLOPs per step per {unit}: program {self.flops_per_device:.3e}; model "
-            f"{self.model['dense'] / self.tpu.chips:.3e} dense (Q-Sparse activated "
-            f"{self.model['activated'] / self.tpu.chips:.3e}) + remat recompute "
-            f"{self.model['recompute'] / self.tpu.chips:.3e}",
+    out += [(f"FLOPs per step per {unit}: program {self.flops_per_device:.3e}; model "
+             f"{self.model['dense'] / self.tpu.chips:.3e} dense (Q-Sparse activated "
+             f"{self.model['activated'] / self.tpu.chips:.3e}) + remat recompute "
+             f"{self.model['recompute'] / self.tpu.chips:.3e}"),
             f"roofline step time {self.roofline_seconds:.3f} s: MFU at most {self.mfu_bound():.1%}"]
     return out + gpu_memory_note(self.tpu, self.hbm_fraction)
 
@@ -261,8 +262,9 @@ def gpu_memory_note(tpu: Slice, fraction: float) -> list[str]:
   above that needs it raised."""
   if tpu.chip.platform != "cuda" or fraction <= 0.75:
     return []
-  return [f"note: above JAX's default GPU memory fraction 0.75: run with XLA_PYTHON_CLIENT_MEM_FRACTION="
-          f"{min(0.99, math.ceil(100 * fraction + 3) / 100):.2f} (cuBLAS, cuDNN and NCCL need some of the rest)"]
+  setting = min(0.99, math.ceil(100 * fraction + 3) / 100)
+  return [f"note: above JAX's default GPU memory fraction 0.75: run with XLA_PYTHON_CLIENT_MEM_FRACTION={setting:.2f} "
+          "(cuBLAS, cuDNN and NCCL need some of the rest)"]
 
 
 _EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([GMK])\) exceeds available HBM \(([\d.]+)G\)", re.S)
@@ -339,8 +341,9 @@ def abstract_decode(config: Config, mesh: Mesh, batch: int, context: int):
                                                                token_sharding),
                               out_shardings=(NamedSharding(mesh, PartitionSpec(rows)), cache_shardings),
                               donate_argnums=(1,))
-  place = lambda tree, shardings: jax.tree.map(  # noqa: E731
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  def place(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
   tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=token_sharding)
   return step, place(params, param_shardings), place(cache, cache_shardings), tokens, tokens
 
@@ -380,13 +383,14 @@ class DecodeReport:
 
   @property
   def error(self) -> str:
-    return self.exhausted or f"{self.peak_bytes / GIB:.1f} GiB per {self.tpu.unit}, beyond its {self.tpu.chip.hbm_bytes / GIB:.1f} GiB"
+    return self.exhausted or (f"{self.peak_bytes / GIB:.1f} GiB per {self.tpu.unit}, beyond its "
+                              f"{self.tpu.chip.hbm_bytes / GIB:.1f} GiB")
 
   def lines(self) -> list[str]:
     unit, gib = self.tpu.unit, lambda b: f"{b / GIB:7.2f} GiB"
     out = [slice_line(self.tpu), "mesh: " + " x ".join(f"{k} {v}" for k, v in self.mesh_shape.items()),
-           f"decode step: {self.batch} row{'s' if self.batch > 1 else ''} x 1 token, KV cache of {self.context} "
-           f"tokens ({'rows split over data x fsdp' if self.rows_split else 'every row on every ' + unit})",
+           (f"decode step: {self.batch} row{'s' if self.batch > 1 else ''} x 1 token, KV cache of {self.context} "
+            f"tokens ({'rows split over data x fsdp' if self.rows_split else 'every row on every ' + unit})"),
            f"compile: {self.compile_seconds:.1f} s",
            f"memory per {unit}: weights {gib(self.weights_bytes)}, KV cache {gib(self.cache_bytes)}"]
     if not self.exhausted:
