@@ -6,6 +6,7 @@
     qsparse eval --checkpoint runs/tiny [--batches 16 --json eval.json] [data.field=value ...]
     qsparse export-hf --checkpoint runs/continue_tiny --out exported/ [--arch llama --dtype bfloat16]
     qsparse compile --config configs/paper_7b.py --topology v5p-128   (does it fit? compiled for TPU, no TPU needed)
+    qsparse compile --decode --batch 8 --config configs/paper_1p3b.py --topology h200x1   (GPUs: in .venv-cuda)
     qsparse scaling sweep --sweep configs/scaling_sweep.py        (trains what is not finished; resumable)
     qsparse scaling fit --sweep configs/scaling_sweep.py [--plots docs/]
 
