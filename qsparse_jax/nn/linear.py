@@ -284,8 +284,13 @@ def decode_site(x_bd: jax.Array, *layers: SparseLinear) -> tuple[jax.Array, ...]
 
 def project_kept(kept: Kept, *layers: SparseLinear) -> tuple[jax.Array, ...]:
   """y [B, out_l] = (x ⊙ M) W_l + b_l for each layer l that reads the same sparsified input (q, k and v; gate and
-  up): one sparse_matvecs pass over the kept entries, reading only their rows of every W_l."""
+  up): one sparse_matvecs pass over the kept entries, reading only their rows of every W_l.
+
+  W stays in its parameter dtype (float32): converting it to a lower compute dtype first would read and write every
+  row of it each step, the traffic the kept rows are meant to save. The kept values (exact in float32) multiply the
+  selected rows in that dtype, and y comes back in the compute dtype."""
   dtype = layers[0].dtype or kept.values.dtype
-  kernels = tuple((ternarize(l.kernel[...]) if l.ternary_weights else l.kernel[...]).astype(dtype) for l in layers)
-  ys = smv_ops.sparse_matvecs(kept.values.astype(dtype), kept.indices, kernels, backend=layers[0].kernels)
-  return tuple(y if l.bias is None else y + l.bias[...].astype(y.dtype) for y, l in zip(ys, layers))
+  kernels = tuple(ternarize(l.kernel[...]) if l.ternary_weights else l.kernel[...] for l in layers)
+  values = kept.values.astype(jnp.promote_types(kept.values.dtype, kernels[0].dtype))
+  ys = smv_ops.sparse_matvecs(values, kept.indices, kernels, backend=layers[0].kernels)
+  return tuple((y if l.bias is None else y + l.bias[...].astype(y.dtype)).astype(dtype) for y, l in zip(ys, layers))
