@@ -3,14 +3,18 @@
 The implementation follows the platform a program is compiled for, not the process's default backend: `select`
 puts the kernel and the XLA path under `lax.platform_dependent`, which keeps only the branch of the platform being
 lowered. So `jax.jit(op).lower(<arguments on TPU devices>).compile()` on a CPU host (libtpu's deviceless topologies)
-holds the Mosaic kernel exactly when a TPU would run it, and the same traced program runs the XLA path on the CPU.
+holds the Mosaic kernel exactly when a TPU would run it, and the same traced program runs the XLA path on the CPU;
+compiled for an H100 or H200 (jax's CUDA plugin, deviceless too: tests/test_gpu_kernels.py) it holds the op's Mosaic
+GPU kernel where the table says so.
 
-    backend   compiled for TPU                          compiled for anything else
-    "xla"     the XLA path                              the XLA path
-    "auto"    the kernel where `kernel_ok` (the op's    the XLA path (GPUs included: their kernels are
-              dtypes and shapes shown to compile),      another issue)
-              the XLA path otherwise
-    "pallas"  the kernel, compiled by Mosaic            the kernel in interpret mode (slow: for tests)
+    backend   compiled for TPU                  compiled for an NVIDIA GPU (cuda)       compiled for anything else
+    "xla"     the XLA path                      the XLA path                            the XLA path
+    "auto"    the kernel where `kernel_ok`      the op's Mosaic GPU kernel where its    the XLA path
+              (the op's dtypes and shapes       `GpuKernel.ok` and gpu_verified.RECORD
+              shown to compile), else XLA       lists it for that GPU (checked and
+                                                faster on a device), else XLA
+    "pallas"  the kernel, compiled by Mosaic    the op's Mosaic GPU kernel (ops without the kernel in interpret mode
+                                                one: the TPU kernel in interpret mode)  (slow: for tests)
 
 Mosaic kernels are not partitioned by XLA: they run in single-device programs or per shard inside `jax.shard_map`.
 So "auto" also takes the XLA path in a program XLA partitions over several devices (`partitioned`: a mesh set by
@@ -20,13 +24,16 @@ kernels per shard there is future work.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import gpu_verified
 
 Backend = Literal["auto", "xla", "pallas"]
 BACKENDS = ("auto", "xla", "pallas")
@@ -60,19 +67,38 @@ def partitioned(*args) -> bool:
   return any(_partitions(mesh) for mesh in meshes)
 
 
-def select(backend: str, kernel, xla, *args, kernel_ok: bool = True):
-  """kernel(*args, interpret=...) or xla(*args), as the table of the module docstring says.
+@dataclasses.dataclass(frozen=True)
+class GpuKernel:
+  """An op's Mosaic GPU kernel for `select`: name, its folder under pallas_kernels/ (the key of gpu_verified.RECORD);
+  fn(*args), the kernel on the arguments of `select`; ok, whether "auto" may use it for them (dtypes, shapes)."""
 
-  kernel_ok: whether "auto" may use the kernel for these arguments (each op's `kernel_supported`); "pallas" uses it
-  regardless, and a combination Mosaic cannot compile then fails at compile time for TPU. "auto" never picks the
-  kernel in a `partitioned` program.
+  name: str
+  fn: Callable
+  ok: bool = True
+
+
+def select(backend: str, kernel, xla, *args, kernel_ok: bool = True, gpu: GpuKernel | None = None):
+  """kernel(*args, interpret=...), gpu.fn(*args) or xla(*args), as the table of the module docstring says.
+
+  kernel_ok: whether "auto" may use the TPU kernel for these arguments (each op's `kernel_supported`); "pallas" uses
+  it regardless, and a combination Mosaic cannot compile then fails at compile time for TPU. gpu: the op's Mosaic GPU
+  kernel, if it has one. "auto" never picks a kernel in a `partitioned` program.
   """
   check(backend)
-  if backend == "xla" or (backend == "auto" and (not kernel_ok or partitioned(*args))):
+  if backend == "xla" or (backend == "auto" and partitioned(*args)):
     return xla(*args)
-  mosaic = functools.partial(kernel, interpret=False)
-  elsewhere = functools.partial(kernel, interpret=True) if backend == "pallas" else xla
-  return lax.platform_dependent(*args, tpu=mosaic, default=elsewhere)
+  interpreted = functools.partial(kernel, interpret=True)
+  if backend == "pallas":
+    tpu, cuda, default = functools.partial(kernel, interpret=False), (gpu.fn if gpu else interpreted), interpreted
+  else:
+    tpu = functools.partial(kernel, interpret=False) if kernel_ok else xla
+    use_gpu = gpu is not None and gpu.ok and gpu_verified.verified(gpu.name, gpu_verified.target_gpu())
+    cuda, default = (gpu.fn if use_gpu else xla), xla
+    if tpu is xla and cuda is xla:
+      return xla(*args)
+  if gpu is None:  # the program of the ops without a GPU kernel stays as it was
+    return lax.platform_dependent(*args, tpu=tpu, default=default)
+  return lax.platform_dependent(*args, tpu=tpu, cuda=cuda, default=default)
 
 
 def resolve(backend: str, *, pallas_platforms: tuple[str, ...] = ("tpu",)) -> tuple[str, bool]:

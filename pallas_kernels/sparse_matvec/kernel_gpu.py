@@ -49,7 +49,7 @@ class GpuBlockSizes:
   splits: int | None = None
 
   def __post_init__(self):
-    dispatch.check_block("GpuBlockSizes", "block_k", self.block_k, multiple=1, why="a tile size")
+    dispatch.check_block("GpuBlockSizes", "block_k", self.block_k, multiple=32, why="whole 128-byte span copies")
     dispatch.check_block("GpuBlockSizes", "block_n", self.block_n, multiple=128, why="one strided layout per warpgroup")
     if self.block_k > MAX_COPY_DIM or self.block_n > MAX_COPY_DIM:
       raise ValueError(f"GpuBlockSizes ({self.block_k}, {self.block_n}): a TMA copies at most {MAX_COPY_DIM} elements "
@@ -75,16 +75,16 @@ def _kernel(values_gmem, rows_gmem, w_gmem, out_gmem, *, bk: int, bn: int, chunk
   """The kernel with its SMEM and barriers allocated in scope (Mosaic GPU interpret mode allocates barriers only
   there, not as pallas_call scratch)."""
   pl.run_scoped(functools.partial(_body, values_gmem, rows_gmem, w_gmem, out_gmem, bk=bk, bn=bn, chunks=chunks),
-                plgpu.SMEM((chunks, bk), values_gmem.dtype), plgpu.SMEM((chunks, bk), jnp.int32),
+                plgpu.SMEM((chunks, bk), jnp.float32), plgpu.SMEM((chunks, bk), jnp.int32),
                 plgpu.SMEM((SLOTS, bk, bn), w_gmem.dtype), plgpu.SMEM((bn,), jnp.float32),
                 plgpu.Barrier(num_arrivals=bk, num_barriers=SLOTS), plgpu.Barrier(num_arrivals=2))
 
 
 def _body(values_gmem, rows_gmem, w_gmem, out_gmem, values_smem, rows_smem, buf, out_smem, barriers, span_barrier,
           *, bk: int, bn: int, chunks: int):
-  """values_gmem, rows_gmem: [B, S, chunks, bk]; w_gmem [D, N]; out_gmem [S, B, N] float32. Scratch: this block's
-  span of values and rows [chunks, bk] and its output [bn] in SMEM, the row buffer [SLOTS, bk, bn] in W's dtype, a
-  barrier per slot (bk copies arrive on each) and one for the span."""
+  """values_gmem (float32, rounded to W's dtype) and rows_gmem [B, S, chunks, bk]; w_gmem [D, N]; out_gmem [S, B, N]
+  float32. Scratch: this block's span of values and rows [chunks, bk] and its output [bn] in SMEM, the row buffer
+  [SLOTS, bk, bn] in W's dtype, a barrier per slot (bk copies arrive on each) and one for the span."""
   j, b, s = (lax.axis_index(name) for name in GRID_NAMES)  # interpret mode gives every pl.program_id 0
   col = j * bn
   plgpu.copy_gmem_to_smem(values_gmem.at[b, s], values_smem, span_barrier)
@@ -108,7 +108,7 @@ def _body(values_gmem, rows_gmem, w_gmem, out_gmem, values_smem, rows_smem, buf,
 
     plgpu.barrier_wait(barriers.at[slot])
     for r in range(bk):
-      acc = acc + values_smem[c, r].astype(jnp.float32) * buf[slot, r].astype(jnp.float32)
+      acc = acc + values_smem[c, r] * buf[slot, r].astype(jnp.float32)
     return acc
 
   # The accumulator starts as zeros read back from SMEM: an array of the loop's carry layout (strided, as the row
@@ -134,7 +134,7 @@ def sparse_matvec_gpu(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Arr
     raise ValueError(f"block_n={bn} of {w_dn.dtype} is not a multiple of {WARPGROUP_BYTES} bytes")
   splits, chunks = block_sizes.plan(b, k, n_out)
   pad = ((0, 0), (0, splits * chunks * bk - k))
-  values_bscr = jnp.pad(values_bk.astype(w_dn.dtype), pad).reshape(b, splits, chunks, bk)
+  values_bscr = jnp.pad(values_bk.astype(w_dn.dtype).astype(jnp.float32), pad).reshape(b, splits, chunks, bk)
   rows_bscr = jnp.pad(indices_bk.astype(jnp.int32), pad).reshape(b, splits, chunks, bk)
   out_sbn = plgpu.kernel(
       functools.partial(_kernel, bk=bk, bn=bn, chunks=chunks),

@@ -1,7 +1,9 @@
 """Public entry: sparse_matvec(values, indices, W) and the (values, indices) form of a top-K sparsified input.
 
 Backends (pallas_kernels.dispatch.select): on a TPU the Mosaic row-gather kernel (kernel.py) for the inputs
-`kernel_supported` accepts (or backend="pallas"), elsewhere plain JAX. On the CPU the XLA path is a fast path of its
+`kernel_supported` accepts (or backend="pallas"); on an H100/H200 the Mosaic GPU kernel (kernel_gpu.py) with
+backend="pallas", or "auto" once pallas_kernels/gpu_verified.py records it for that GPU (`gpu_kernel_supported`
+inputs); elsewhere plain JAX. On the CPU the XLA path is a fast path of its
 own: a scan over chunks of `chunk` kept activations whose body is one
 fused loop, y += Σ_j v_j · W[i_j, :], so each selected row streams through the cache once with no gathered copy
 (`jnp.take` of the rows and then a dot writes and re-reads them, and is slower than the dense matvec).
@@ -17,6 +19,7 @@ from jax import lax
 
 from pallas_kernels import dispatch
 from pallas_kernels.sparse_matvec.kernel import BlockSizes, padded_k, sparse_matvec_pallas
+from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, sparse_matvec_gpu
 from qsparse_jax.ops.selection import mask_from_thresholds, row_thresholds
 
 PALLAS_PLATFORMS = ("tpu",)
@@ -33,6 +36,24 @@ def kernel_supported(values_shape: tuple[int, ...], w_shape: tuple[int, ...], w_
   dtype = jnp.dtype(w_dtype)
   return (dtype in map(jnp.dtype, KERNEL_DTYPES) and n_out % dispatch.LANES == 0
           and (dtype.itemsize == 4 or d % 2 == 0) and b * padded_k(k, dispatch.LANES) <= MAX_PREFETCH_INDICES)
+
+
+def gpu_block_sizes(n_out: int) -> GpuBlockSizes | None:
+  """The GPU kernel's tiles for N columns: 256 columns per CUDA block, or 128 (None when 128 does not divide N)."""
+  block_n = dispatch.largest_block(n_out, 256)
+  return None if block_n is None else GpuBlockSizes(block_n=block_n)
+
+
+def gpu_kernel_supported(w_shape: tuple[int, ...], w_dtype) -> bool:
+  """Whether the GPU kernel takes W: float32 or bfloat16 with N a multiple of 128 (compiled for H100 and H200 at 7B
+  decode shapes, batch 1 to 16, in tests/test_gpu_kernels.py)."""
+  return jnp.dtype(w_dtype) in map(jnp.dtype, KERNEL_DTYPES) and gpu_block_sizes(w_shape[1]) is not None
+
+
+def _gpu_matvecs(values_bk, indices_bk, ws_dn) -> tuple:
+  """float32 [B, N_w] per W from the Mosaic GPU kernel (kernel_gpu.py)."""
+  return tuple(sparse_matvec_gpu(values_bk, indices_bk, w_dn, block_sizes=gpu_block_sizes(w_dn.shape[1]))
+               for w_dn in ws_dn)
 
 
 def _running_count(mask_bd: jax.Array, block: int = 64) -> jax.Array:
@@ -154,8 +175,10 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
     block_sizes = (block_sizes,) * len(ws_dn)
   if len(block_sizes) != len(ws_dn) or not all(isinstance(bs, BlockSizes) for bs in block_sizes):
     raise ValueError(f"block_sizes must be a sparse_matvec BlockSizes or one per W, got {block_sizes!r}")
+  gpu = dispatch.GpuKernel("sparse_matvec", _gpu_matvecs)  # other W: "pallas" on a GPU interprets the TPU kernel
   ys = dispatch.select(
       backend, functools.partial(_kernel_matvecs, block_sizes=tuple(block_sizes)),
       lambda v, i, ws: _xla_sparse_matvecs(v, i, ws, chunk=chunk), values_bk, indices_bk, ws_dn,
-      kernel_ok=all(kernel_supported(values_bk.shape, w.shape, w.dtype) for w in ws_dn))
+      kernel_ok=all(kernel_supported(values_bk.shape, w.shape, w.dtype) for w in ws_dn),
+      gpu=gpu if all(gpu_kernel_supported(w.shape, w.dtype) for w in ws_dn) else None)
   return tuple(y.astype(t) for y, t in zip(ys, out_dtypes))
