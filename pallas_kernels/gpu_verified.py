@@ -52,6 +52,8 @@ def target_gpu() -> str | None:
   return gpu_name(device.device_kind) if device.platform == "gpu" else None
 
 
-def verified(kernel: str, gpu: str | None, record: tuple[Verified, ...] = RECORD) -> bool:
-  """Whether `record` shows kernel correct and faster than XLA on gpu (the condition for "auto" to use it)."""
+def verified(kernel: str, gpu: str | None, record: tuple[Verified, ...] | None = None) -> bool:
+  """Whether `record` (default RECORD) shows kernel correct and faster than XLA on gpu (the condition for "auto" to
+  use it)."""
+  record = RECORD if record is None else record
   return gpu is not None and any(v.kernel == kernel and v.gpu == gpu and v.speedup > 1 for v in record)

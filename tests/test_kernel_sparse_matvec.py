@@ -1,4 +1,4 @@
-"""sparse_matvec (XLA fast path and the Pallas TPU kernel in interpret mode) against NumPy written here."""
+"""sparse_matvec (XLA fast path, the Pallas TPU kernel and the Mosaic GPU kernel in interpret mode) against NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, gpu_verified
 from pallas_kernels.sparse_matvec import BlockSizes, sparse_matvec, sparse_matvecs, topk_values_indices
-from pallas_kernels.sparse_matvec.ops import kept_indices
+from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, interpret_params, races_found, sparse_matvec_gpu
+from pallas_kernels.sparse_matvec.ops import gpu_block_sizes, kept_indices
 from pallas_kernels.sparse_matvec.reference import sparse_matvec_reference
 
 # Accumulation is float32 in every path; the sum order differs (chunks, column blocks), so float32 results agree to
@@ -143,3 +144,47 @@ def test_block_sizes_are_validated():
   # 11008 = 43 x 256: the largest multiple of 128 up to v5p's 2048 that divides it is 256.
   assert BlockSizes.get_default(1638, 11008, chip="v5p") == BlockSizes(128, 256)
   assert BlockSizes.get_default(20, 4096) == BlockSizes(24, 1024)  # K below a block: all of it, padded to 8
+
+
+# The Mosaic GPU kernel (kernel_gpu.py) in Mosaic GPU interpret mode: its body on the CPU, with GMEM, SMEM, the TMA
+# copies and the barriers simulated and the race detector on. What that cannot show (the real TMA engine, speed) is
+# listed in kernel_gpu.py's docstring; the compile for H100 and H200 is tests/test_gpu_kernels.py.
+@pytest.mark.parametrize("b, d, n, k, dtype, block_sizes", [
+    (2, 96, 256, 70, jnp.float32, GpuBlockSizes(32, 128, 2)),  # 2 column blocks x 2 splits, K padded 70 -> 128
+    (3, 300, 256, 200, jnp.bfloat16, GpuBlockSizes(32, 256, 1)),  # 7 chunks: both SMEM slots reused in turn
+    (1, 64, 256, 64, jnp.bfloat16, None),  # the default plan: splits up to 2 x 132 blocks, capped by the chunks
+])
+def test_gpu_kernel_matches_numpy_in_interpret_mode(b, d, n, k, dtype, block_sizes):
+  values, indices, w = random_problem(7, b, d, n, k, dtype)
+  indices = indices.at[0, 1].set(indices[0, 0])  # a row kept twice is read twice
+  y = sparse_matvec_gpu(values, indices, w, block_sizes=block_sizes or GpuBlockSizes(),
+                        interpret=interpret_params(detect_races=True))
+  assert not races_found()
+  want = np_sparse_matvec(values.astype(jnp.float32), indices, w.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(y), want, **TOLERANCE[jnp.float32])
+
+
+def test_gpu_block_sizes_are_validated_and_planned():
+  with pytest.raises(ValueError, match=r"block_k must be a positive multiple of 32 \(whole 128-byte span copies\)"):
+    GpuBlockSizes(block_k=48)
+  with pytest.raises(ValueError, match="at most 256 elements"):
+    GpuBlockSizes(block_n=512)
+  with pytest.raises(ValueError, match="must divide N=200"):
+    GpuBlockSizes(block_n=128).plan(1, 64, 200)
+  # batch 1, 4096 -> 11008 at 40%: 43 column blocks want 7 splits for 2 x 132 blocks; 1638 kept = 52 chunks of 32
+  assert GpuBlockSizes().plan(1, 1638, 11008) == (7, 8)
+  assert GpuBlockSizes().plan(16, 1638, 11008) == (1, 52)  # 688 blocks already
+  assert gpu_block_sizes(11008) == GpuBlockSizes(block_n=256) and gpu_block_sizes(384) == GpuBlockSizes(block_n=128)
+  assert gpu_block_sizes(200) is None
+
+
+def test_auto_keeps_xla_on_gpus_until_the_record_lists_the_kernel():
+  assert gpu_verified.RECORD == ()  # no GPU has run scripts/bench_gpu.sh yet
+  assert gpu_verified.target_gpu() is None  # compiled for the CPU here
+  assert gpu_verified.gpu_name("NVIDIA H100 80GB HBM3") == "H100" and gpu_verified.gpu_name("NVIDIA H200") == "H200"
+  record = (gpu_verified.Verified("sparse_matvec", "H200", "2026-01-01", 1e-6, 1.6),
+            gpu_verified.Verified("ternary_matmul", "H100", "2026-01-01", 0.0, 0.9))
+  assert gpu_verified.verified("sparse_matvec", "H200", record)
+  assert not gpu_verified.verified("sparse_matvec", "H100", record)
+  assert not gpu_verified.verified("ternary_matmul", "H100", record)  # slower than XLA there
+  assert not gpu_verified.verified("sparse_matvec", None, record)

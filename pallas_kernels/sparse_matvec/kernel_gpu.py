@@ -122,6 +122,20 @@ def _body(values_gmem, rows_gmem, w_gmem, out_gmem, values_smem, rows_smem, buf,
 
 
 
+def interpret_params(**kwargs):
+  """Mosaic GPU interpret mode's parameters (jax 0.10 exports them nowhere public): the `interpret` argument that
+  runs this kernel on the CPU, simulating GMEM, SMEM, the TMA copies and barriers; kwargs e.g. detect_races=True."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
+  return InterpretGPUParams(**kwargs)
+
+
+def races_found() -> bool:
+  """Whether the last kernel interpreted with detect_races=True raced (a read or write of SMEM or GMEM unordered
+  with another by the barriers and copies)."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # pylint: disable=import-outside-toplevel
+  return gpu_callbacks.get_races().races_found
+
+
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def sparse_matvec_gpu(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array, *,
                       block_sizes: GpuBlockSizes = GpuBlockSizes(), interpret=False) -> jax.Array:
@@ -138,7 +152,7 @@ def sparse_matvec_gpu(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Arr
   rows_bscr = jnp.pad(indices_bk.astype(jnp.int32), pad).reshape(b, splits, chunks, bk)
   out_sbn = plgpu.kernel(
       functools.partial(_kernel, bk=bk, bn=bn, chunks=chunks),
-      out_shape=jax.ShapeDtypeStruct((splits, b, n_out), jnp.float32),
+      out_type=jax.ShapeDtypeStruct((splits, b, n_out), jnp.float32),
       grid=(n_out // bn, b, splits), grid_names=GRID_NAMES,
       interpret=interpret,
   )(values_bscr, rows_bscr, w_dn)
