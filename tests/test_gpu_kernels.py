@@ -7,7 +7,8 @@ not (gpu_verified.RECORD is empty: "auto" keeps XLA on GPUs until a device has c
 line per case and `gpu_kernel_cases_compiled: N/N`. Skipped, saying so, without the CUDA plugin.
 
 Cases: sparse_matvec at a 7B model's decode shapes, D 4096 -> N 11008 and back, K at 40% and 50% of D kept, batch 1, 8
-and 16, W bfloat16 and float32. Other kernels add their case builders to CASE_BUILDERS (marked below).
+and 16, W bfloat16 and float32; ternary_matmul (int8 x packed 2-bit) at the same D and N, batch 1, 8, 16 and a 256-row
+prefill tile. Other kernels add their case builders to CASE_BUILDERS (marked below).
 """
 
 from __future__ import annotations
@@ -47,8 +48,27 @@ def sparse_matvec_cases():
                                                                      ((4096, 11008), jnp.bfloat16)], False
 
 
+def ternary_matmul_cases():
+  """ternary_matmul: y [T, N] float32 from int8 codes [T, D], scales [T, 1], packed uint8 [D/4, N], w_scale; 7B decode
+  shapes both ways at batch 1, 8, 16 and a 256-row prefill tile."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.ternary_matmul import ternary_matmul  # pylint: disable=import-outside-toplevel
+
+  def entry(backend):
+    return lambda codes_td, scale_t1, packed_qn, w_scale: ternary_matmul(codes_td, scale_t1, packed_qn, w_scale,
+                                                                         backend=backend)
+
+  def shapes(t, d, n):
+    return [((t, d), jnp.int8), ((t, 1), jnp.float32), ((d // 4, n), jnp.uint8), ((), jnp.float32)]
+
+  for d, n in ((4096, 11008), (11008, 4096)):
+    for t in (1, 8, 16, 256):
+      yield f"ternary_matmul D{d} N{n} {'prefill' if t > 16 else 'B'}{t}", entry("pallas"), shapes(t, d, n), True
+  yield "ternary_matmul auto keeps XLA (no record)", entry("auto"), shapes(1, 4096, 11008), False
+
+
 # ---- Case builders, one per kernel. ternary_matmul: append its builder (same tuple form) to this list. ----
-CASE_BUILDERS = [sparse_matvec_cases]
+CASE_BUILDERS = [sparse_matvec_cases, ternary_matmul_cases]
 
 
 def compile_all() -> int:
