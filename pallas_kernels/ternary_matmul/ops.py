@@ -1,8 +1,9 @@
 """Public entries: pack_ternary / unpack_ternary (2 bits per weight) and ternary_matmul.
 
-The XLA path (the CPU's, and GPUs') unpacks the weights and multiplies int8 × int8 into int32; on a TPU the kernel
-of kernel.py (pallas_kernels.dispatch.select: for the shapes `kernel_supported` accepts, or backend="pallas")
-unpacks tile by tile in VMEM.
+The XLA path (the CPU's, and GPUs' under "auto" until gpu_verified records the GPU kernel) unpacks the weights and
+multiplies int8 × int8 into int32; on a TPU the kernel of kernel.py (pallas_kernels.dispatch.select: for the shapes
+`kernel_supported` accepts, or backend="pallas") unpacks tile by tile in VMEM; compiled for an H100/H200 with
+backend="pallas" the Mosaic GPU kernel of kernel_gpu.py unpacks in registers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
+from pallas_kernels.ternary_matmul import kernel_gpu
 from pallas_kernels.ternary_matmul.kernel import BlockSizes, code_planes, ternary_matmul_pallas, unpack_plane
 
 PALLAS_PLATFORMS = ("tpu",)
@@ -24,6 +26,14 @@ def kernel_supported(codes_shape: tuple[int, ...], packed_shape: tuple[int, ...]
   tests/test_tpu_compile.py); any number of tokens."""
   q, n_out = packed_shape
   return q % dispatch.sublane_tile(jnp.int8) == 0 and n_out % dispatch.LANES == 0
+
+
+def gpu_kernel_supported(packed_shape: tuple[int, ...]) -> bool:
+  """Whether the Mosaic GPU kernel takes these weights with its default blocks: N a multiple of 128 (the
+  warpgroup's columns) and Q = D / 4 a multiple of 32 (a batch-1 block of planes copies 128 bytes); compiled for H100
+  and H200 at a 7B model's decode shapes and a 256-row prefill tile in tests/test_gpu_kernels.py."""
+  q, n_out = packed_shape
+  return q % 32 == 0 and n_out % kernel_gpu.THREADS == 0
 
 
 def pack_ternary(codes_dn: jax.Array) -> jax.Array:
@@ -60,8 +70,8 @@ def ternary_matmul(codes: jax.Array, act_scale: jax.Array, packed_qn: jax.Array,
   """y [..., N] float32 = x W for x ≈ codes / act_scale (int8, per-token absmax: qsparse_jax.absmax_quantize) and
   W ≈ unpack(packed) · w_scale (per-tensor absmean: qsparse_jax.absmean_ternary, packed by pack_ternary).
 
-  codes: int8 [..., D]; act_scale: [..., 1]; packed_qn: uint8 [D/4, N]; w_scale: scalar. block_sizes: the
-  kernel's tiles (default: per chip, fitted to the shapes).
+  codes: int8 [..., D]; act_scale: [..., 1]; packed_qn: uint8 [D/4, N]; w_scale: scalar. block_sizes: the TPU
+  kernel's tiles (default: per chip, fitted to the shapes); the GPU kernel fits its own (kernel_gpu.GpuBlockSizes).
   """
   if codes.dtype != jnp.int8 or packed_qn.dtype != jnp.uint8:
     raise ValueError(f"expected int8 activation codes and uint8 packed weights, got {codes.dtype} and "
@@ -81,6 +91,8 @@ def ternary_matmul(codes: jax.Array, act_scale: jax.Array, packed_qn: jax.Array,
     raise ValueError(f"block_sizes must be a pallas_kernels.ternary_matmul BlockSizes, got {block_sizes!r}")
   else:
     block_sizes.validate(dispatch.round_up(t, block_sizes.block_t), q, n_out)
+  gpu = dispatch.GpuKernel("ternary_matmul", kernel_gpu.matmul)  # its own blocks (kernel_gpu.GpuBlockSizes)
   y = dispatch.select(backend, functools.partial(_kernel_matmul, block_sizes=block_sizes), _xla_matmul,
-                      codes_td, scale_t1, packed_qn, w_scale, kernel_ok=kernel_supported(codes.shape, packed_qn.shape))
+                      codes_td, scale_t1, packed_qn, w_scale, kernel_ok=kernel_supported(codes.shape, packed_qn.shape),
+                      gpu=gpu if gpu_kernel_supported(packed_qn.shape) else None)
   return y.reshape(*lead, n_out)
