@@ -15,13 +15,14 @@ grids too short for the 132 SMs), writes its int32 partial, which XLA sums (exac
 weights cross HBM at 2 bits each, once per block of bt rows; at T = 16 the 64 multiply-adds per packed byte may make
 it ALU-bound instead (unmeasured).
 
-Verified without a GPU (tests/test_kernel_ternary_matmul_gpu.py): the body against reference.py in Pallas's HLO
-interpreter (interpret=True) on CPU, bit-equal, padded rows and several row, column and Q blocks included; the whole
-call compiled deviceless for H100 and H200 (Mosaic GPU's own checks ran: register layouts, TMA box limits, copy
-sizes, shared memory — an oversized block is refused) with its mosaic_gpu custom call in the HLO. Mosaic GPU's own
-interpreter (InterpretGPUParams) cannot run it in jax 0.10.2: it takes only whole-array blocks. Verified only on a
-device: the TMA copies and the pipeline's barriers around the Q loop, the scalar global-memory read of the factors,
-the strided register layouts at run time, bank conflicts, and every timing (no GPU lent yet).
+Verified without a GPU (tests/test_kernel_ternary_matmul_gpu.py, tests/test_gpu_kernels.py): the body against
+reference.py in Pallas's HLO interpreter (interpret=True) on CPU, bit-equal, with padded rows, split_q partials and
+several row, column and Q blocks; the whole call compiled deviceless for H100 and H200 (Mosaic GPU's own checks ran:
+register layouts, TMA box limits, copy sizes, shared memory; an oversized block is refused) with its mosaic_gpu
+custom call in the HLO, directly and through ops.ternary_matmul(backend="pallas"). Mosaic GPU's own interpreter
+(InterpretGPUParams) cannot run it in jax 0.10.2: it takes only whole-array blocks. Verified only on a device: the
+TMA copies and the pipeline's barriers around the Q loop, the scalar global-memory read of the factors, the strided
+register layouts at run time, bank conflicts, and every timing (no GPU lent yet).
 Open: block sizes and split_q tuned on a device; dp4a, or WGMMA (s8 × s8 → s32) for prefill tiles, which now re-read
 the weights once per 16 rows.
 """
