@@ -142,7 +142,7 @@ def sparse_matvec_gpu(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Arr
   """float32 [B, N] = Σ_k values[b, k] · W[indices[b, k]] for W [D, N] float32 or bfloat16 (values in any float
   dtype, cast to W's). interpret: False (Mosaic GPU) or a Mosaic GPU InterpretGPUParams (the CPU simulation)."""
   b, k = indices_bk.shape
-  d, n_out = w_dn.shape
+  n_out = w_dn.shape[1]
   bk, bn = block_sizes.block_k, block_sizes.block_n
   if (bn * jnp.dtype(w_dn.dtype).itemsize) % WARPGROUP_BYTES:
     raise ValueError(f"block_n={bn} of {w_dn.dtype} is not a multiple of {WARPGROUP_BYTES} bytes")
