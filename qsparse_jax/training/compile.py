@@ -372,7 +372,6 @@ class DecodeReport:
   # sparse step against the same step with every projection dense. A decode step is bound by memory traffic.
   sparse_bytes_per_token: float = 0.0
   dense_bytes_per_token: float = 0.0
-  traffic_counted: str = "per device, compiled for the target"
 
   @property
   def peak_bytes(self) -> int:
@@ -409,7 +408,7 @@ class DecodeReport:
     if not self.fits:
       return out + [f"does not fit: {self.error}"]
     if self.dense_bytes_per_token:
-      out.append(f"bytes per token ({self.traffic_counted}; XLA's count): sparse "
+      out.append(f"bytes per token per {unit} (XLA's count of the compiled step): sparse "
                  f"{self.sparse_bytes_per_token / GIB:.3f} GiB, dense {self.dense_bytes_per_token / GIB:.3f} GiB, "
                  f"sparse / dense {self.bytes_ratio:.3f}")
     return out + gpu_memory_note(self.tpu, self.hbm_fraction)
@@ -430,7 +429,13 @@ def compile_decode(config: Config, accelerator_type: str, batch: int, context: i
   memory = compiled.memory_analysis() if compiled is not None else None
   sizes = {f"{k}_bytes": getattr(memory, f"{k}_size_in_bytes", 0) for k in ("argument", "temp", "output", "alias")}
   seconds = time.perf_counter() - start
-  traffic = decode_traffic(config, mesh, batch, context, compiled) if compiled is not None else {}
+  traffic = {}
+  if compiled is not None:
+    dense_step, *dense_args = abstract_decode(config, mesh, batch, context, sparse=False)
+    dense, _ = compile_or_exhausted(dense_step.lower(*dense_args))
+    rows = batch // math.prod(mesh.shape[a] for a in ("data", "fsdp")) if tokens.sharding.spec[0] else batch
+    traffic = {f"{name}_bytes_per_token": accessed_bytes(program) / rows
+               for name, program in (("sparse", compiled), ("dense", dense)) if program is not None}
   return DecodeReport(tpu=tpu, mesh_shape=dict(mesh.shape), batch=batch, context=context,
                       rows_split=tokens.sharding.spec[0] is not None, compile_seconds=seconds,
                       weights_bytes=device_bytes(params), cache_bytes=device_bytes(cache), exhausted=needed,
@@ -438,28 +443,7 @@ def compile_decode(config: Config, accelerator_type: str, batch: int, context: i
 
 
 def accessed_bytes(compiled) -> float:
-  """XLA's count of the bytes a compiled program reads and writes on one device (its cost analysis; 0 where the
-  compiler gives none, as a deviceless GPU compile does)."""
+  """XLA's count of the bytes a compiled program reads and writes on one device (its cost analysis)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float((cost or {}).get("bytes accessed", 0.0))
-
-
-def decode_traffic(config: Config, mesh: Mesh, batch: int, context: int, compiled) -> dict:
-  """Bytes per token of the sparse decode step (`compiled`) and of the same step with dense projections, as XLA
-  counts them: per device from the target's compiled programs, or, where the target's compiler gives no count (a
-  GPU compiled without one), from the whole step compiled for this host's CPU, the same XLA program that "auto"
-  runs on a GPU today."""
-  if accessed_bytes(compiled):
-    dense_step, *dense_args = abstract_decode(config, mesh, batch, context, sparse=False)
-    dense, _ = compile_or_exhausted(dense_step.lower(*dense_args))
-    split = math.prod(mesh.shape[a] for a in ("data", "fsdp"))  # abstract_decode splits the rows where they divide
-    rows = batch // split if batch % split == 0 else batch
-    return {"sparse_bytes_per_token": accessed_bytes(compiled) / rows,
-            "dense_bytes_per_token": accessed_bytes(dense) / rows if dense is not None else 0.0}
-  host = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices("cpu")[:1])
-  counts = {}
-  for name, sparse in (("sparse", True), ("dense", False)):
-    step, *args = abstract_decode(config, host, batch, context, sparse=sparse)
-    counts[f"{name}_bytes_per_token"] = accessed_bytes(step.lower(*args).compile()) / batch
-  return {**counts, "traffic_counted": "the whole step, compiled for this host's CPU"}
