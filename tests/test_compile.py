@@ -120,11 +120,6 @@ def test_compile_decode_reports_weights_and_cache():
   peak = float(re.search(r"peak +([\d.]+) GiB of +95.00 GiB", result.stdout).group(1))
   assert peak >= weights + cache - 0.01
   assert float(lines[-1].removeprefix("hbm_fraction: ")) == pytest.approx(peak / 95.0, abs=2e-3)
-  # The sparse step reads fewer bytes than the dense one, not fewer than its kept 70% of the projection weights
-  # (XLA counts the FSDP-gathered weights and the embedding, which decode reads densely, too): measured 0.777.
-  sparse, dense, ratio = map(float, re.search(
-      r"sparse ([\d.]+) GiB, dense ([\d.]+) GiB, sparse / dense ([\d.]+)", result.stdout).groups())
-  assert ratio == pytest.approx(sparse / dense, abs=2e-3) and 0.6 < ratio < 0.9
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,

@@ -315,9 +315,9 @@ def advice(config: Config) -> str:
   return "try " + ", then ".join(steps + ["a larger slice"])
 
 
-def abstract_decode(config: Config, mesh: Mesh, batch: int, context: int, *, sparse: bool = True):
+def abstract_decode(config: Config, mesh: Mesh, batch: int, context: int):
   """(the jitted decode step, its abstract parameters, KV cache, tokens and positions) on mesh: what each step of
-  `qsparse generate` after the prefill runs (Transformer.cached with `sparse`, one token per row, greedy), with the
+  `qsparse generate` after the prefill runs (Transformer.cached with sparse=True, one token per row, greedy), with the
   cache (init_cache) holding `context` tokens. The weights are split as training splits them (float32, as a
   checkpoint holds them), the cache's rows over data x fsdp and its kv heads over tensor, where those divide."""
   mc = config.model
@@ -334,7 +334,7 @@ def abstract_decode(config: Config, mesh: Mesh, batch: int, context: int, *, spa
   token_sharding = NamedSharding(mesh, PartitionSpec(rows, None))
 
   def decode_step(params, cache, tokens_b1, positions_b1):
-    logits_btv, cache = nnx.merge(graphdef, params).cached(tokens_b1, positions_b1, cache, sparse=sparse)
+    logits_btv, cache = nnx.merge(graphdef, params).cached(tokens_b1, positions_b1, cache, sparse=True)
     return jnp.argmax(logits_btv[:, -1], axis=-1).astype(jnp.int32), cache
 
   step = sharding.jit_on_mesh(decode_step, mesh, in_shardings=(param_shardings, cache_shardings, token_sharding,
@@ -368,18 +368,10 @@ class DecodeReport:
   output_bytes: int
   alias_bytes: int
   exhausted: str = ""  # a TPU compiler's RESOURCE_EXHAUSTED, shortened
-  # XLA's count of the bytes each compiled step reads and writes per device, divided by the rows (tokens): the
-  # sparse step against the same step with every projection dense. A decode step is bound by memory traffic.
-  sparse_bytes_per_token: float = 0.0
-  dense_bytes_per_token: float = 0.0
 
   @property
   def peak_bytes(self) -> int:
     return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
-
-  @property
-  def bytes_ratio(self) -> float:
-    return self.sparse_bytes_per_token / self.dense_bytes_per_token if self.dense_bytes_per_token else float("nan")
 
   @property
   def hbm_fraction(self) -> float:
@@ -407,10 +399,6 @@ class DecodeReport:
                   f"{gib(self.tpu.chip.hbm_bytes)}")
     if not self.fits:
       return out + [f"does not fit: {self.error}"]
-    if self.dense_bytes_per_token:
-      out.append(f"bytes per token per {unit} (XLA's count of the compiled step): sparse "
-                 f"{self.sparse_bytes_per_token / GIB:.3f} GiB, dense {self.dense_bytes_per_token / GIB:.3f} GiB, "
-                 f"sparse / dense {self.bytes_ratio:.3f}")
     return out + gpu_memory_note(self.tpu, self.hbm_fraction)
 
 
@@ -428,22 +416,6 @@ def compile_decode(config: Config, accelerator_type: str, batch: int, context: i
   compiled, needed = compile_or_exhausted(step.lower(params, cache, tokens, positions))
   memory = compiled.memory_analysis() if compiled is not None else None
   sizes = {f"{k}_bytes": getattr(memory, f"{k}_size_in_bytes", 0) for k in ("argument", "temp", "output", "alias")}
-  seconds = time.perf_counter() - start
-  traffic = {}
-  if compiled is not None:
-    dense_step, *dense_args = abstract_decode(config, mesh, batch, context, sparse=False)
-    dense, _ = compile_or_exhausted(dense_step.lower(*dense_args))
-    rows = batch // math.prod(mesh.shape[a] for a in ("data", "fsdp")) if tokens.sharding.spec[0] else batch
-    traffic = {f"{name}_bytes_per_token": accessed_bytes(program) / rows
-               for name, program in (("sparse", compiled), ("dense", dense)) if program is not None}
   return DecodeReport(tpu=tpu, mesh_shape=dict(mesh.shape), batch=batch, context=context,
-                      rows_split=tokens.sharding.spec[0] is not None, compile_seconds=seconds,
-                      weights_bytes=device_bytes(params), cache_bytes=device_bytes(cache), exhausted=needed,
-                      **traffic, **sizes)
-
-
-def accessed_bytes(compiled) -> float:
-  """XLA's count of the bytes a compiled program reads and writes on one device (its cost analysis)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float((cost or {}).get("bytes accessed", 0.0))
+                      rows_split=tokens.sharding.spec[0] is not None, compile_seconds=time.perf_counter() - start,
+                      weights_bytes=device_bytes(params), cache_bytes=device_bytes(cache), exhausted=needed, **sizes)
