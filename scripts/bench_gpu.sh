@@ -4,6 +4,7 @@
 #      tolerance: then nothing is timed);
 #   2. time: dense XLA matvec vs the XLA sparse path vs the kernel, D 4096 -> N 11008 and back, 40% kept, batch 1, 8,
 #      16; it prints the pallas_kernels/gpu_verified.py line to add (kernel, GPU, date, max error, speedup at batch 1);
+#      then ternary_matmul (int8 x packed 2-bit) the same way against a bfloat16 dense matmul, batch 1 to 256;
 #   3. the kernel table of scripts/bench_kernels.py (every op with backend "auto" against its dense baseline);
 #   4. end-to-end decode, sparse vs dense, at batch 1 and 8 (scripts/bench_decode.py: its 100M "wide" model).
 # About 3 minutes on an H100/H200.
@@ -73,6 +74,41 @@ for d, n in ((4096, 11008), (11008, 4096)):  # 2. then time, bfloat16
           f"{ms['xla sparse']:.3f} ms, kernel {ms['kernel']:.3f} ms: {speedup:.2f}x", flush=True)
 print(f'record: gpu_verified.Verified("sparse_matvec", "{gpu}", "{datetime.date.today()}", {max_error:.2e}, '
       f'{speedup_b1:.2f}, "bf16 4096->11008 40% kept, batch 1, scripts/bench_gpu.sh")', flush=True)
+
+# ternary_matmul: int8 activation codes x packed 2-bit weights (method.md §4) against its reference, then against a
+# bfloat16 dense matmul of the same shapes (decode at batch 1, 8, 16 and a 256-row prefill tile).
+from qsparse_jax.ops import absmax_quantize, absmean_ternary
+from pallas_kernels.ternary_matmul import pack_ternary, ternary_matmul
+from pallas_kernels.ternary_matmul.reference import ternary_matmul_reference
+
+def ternary_problem(b, d, n):
+  codes, act_scale = absmax_quantize(jnp.asarray(rng.standard_normal((b, d)), jnp.float32), 8)
+  w = jnp.asarray(rng.standard_normal((d, n)) / np.sqrt(d), jnp.float32)
+  w_codes, w_scale = absmean_ternary(w)
+  return codes, act_scale, pack_ternary(w_codes.astype(jnp.int8)), w_scale, w
+
+t_kernel = jax.jit(lambda c, s, p, a: ternary_matmul(c, s, p, a, backend="pallas"))
+t_xla = jax.jit(lambda c, s, p, a: ternary_matmul(c, s, p, a, backend="xla"))
+t_error, t_speedup_b1 = 0.0, None
+for d, n in ((4096, 11008), (11008, 4096)):
+  for b in (1, 8, 16, 256):
+    codes, act_scale, packed, w_scale, w = ternary_problem(b, d, n)
+    want = ternary_matmul_reference(codes, act_scale, packed, w_scale)
+    got = t_kernel(codes, act_scale, packed, w_scale)
+    error = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))  # int32 sums exact: float32 scaling only
+    print(f"check ternary_matmul D{d} N{n} B{b}: max relative error {error:.2e}", flush=True)
+    if not error <= 1e-5:
+      sys.exit(f"bench_gpu.sh: ternary_matmul on {gpu} differs from its reference by {error} (> 1e-5)")
+    t_error = max(t_error, error)
+    x, w16 = (codes.astype(jnp.float32) / act_scale).astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    ms = {"dense": median_ms(dense, x, w16), "xla": median_ms(t_xla, codes, act_scale, packed, w_scale),
+          "kernel": median_ms(t_kernel, codes, act_scale, packed, w_scale)}
+    speedup = ms["dense"] / ms["kernel"]
+    t_speedup_b1 = speedup if (b, d) == (1, 4096) else t_speedup_b1
+    print(f"time ternary_matmul D{d} N{n} B{b}: dense bf16 {ms['dense']:.3f} ms, xla {ms['xla']:.3f} ms, kernel "
+          f"{ms['kernel']:.3f} ms: {speedup:.2f}x", flush=True)
+print(f'record: gpu_verified.Verified("ternary_matmul", "{gpu}", "{datetime.date.today()}", {t_error:.2e}, '
+      f'{t_speedup_b1:.2f}, "int8 x 2-bit 4096->11008 vs bf16 dense, batch 1, scripts/bench_gpu.sh")', flush=True)
 EOF
 fi
 "$PYTHON" scripts/bench_kernels.py "$@"
