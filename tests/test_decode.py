@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from qsparse_jax.data.tokenizers import ByteTokenizer
+from qsparse_jax.inference import decode
 from qsparse_jax.inference.decode import SamplingConfig, generate, sample_logits
 from qsparse_jax.nn.model import ModelConfig, Transformer, init_cache
 
@@ -67,6 +68,43 @@ def test_batched_prompts_of_different_lengths_decode_like_uncached_greedy():
   assert together.steps == 10
   for prompt, tokens in zip(prompts, together.tokens):
     assert tokens == greedy_by_recomputation(model, prompt, 10)  # no cache at all
+
+
+def test_prompts_of_many_lengths_share_one_compiled_prefill_and_decode_loop():
+  """Prompt lengths 1 to 12 with 20 new tokens fall in one prompt bucket (16) and one cache bucket (32): one compile
+  of the prefill and one of the device decode loop (CHUNK steps per loop, so 20 tokens take two loops), and every
+  continuation is still the uncached greedy one."""
+  cfg = CFG.with_sparsity(0.4)
+  model = Transformer(cfg, rngs=nnx.Rngs(4))
+  graphdef, params = nnx.split(model)
+  rng = np.random.default_rng(0)
+  before = (decode._prefill._cache_size(), decode._decode_chunk._cache_size())
+  outputs = {}
+  for length in range(1, 13):
+    prompt = [int(t) for t in rng.integers(0, 257, length)]
+    outputs[length] = (prompt, generate(graphdef, params, cfg, [prompt], SamplingConfig(max_new_tokens=20)).tokens[0])
+  after = (decode._prefill._cache_size(), decode._decode_chunk._cache_size())
+  assert after[0] - before[0] <= 1 and after[1] - before[1] <= 1, (before, after)
+  for length in (1, 12):
+    prompt, tokens = outputs[length]
+    assert tokens == greedy_by_recomputation(model, prompt, 20)
+
+
+def test_stop_ids_end_rows_on_the_device():
+  """A row ends at its first stop id (kept, as a stop string is); the other rows go on; a loop whose rows have all
+  stopped ends early."""
+  cfg = CFG.with_sparsity(0.4)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(5)))
+  prompts = [[5, 70, 33, 9], [44, 2, 19]]
+  free = generate(graphdef, params, cfg, prompts, SamplingConfig(max_new_tokens=24)).tokens
+  stop = free[0][5]
+  stopped = generate(graphdef, params, cfg, prompts, SamplingConfig(max_new_tokens=24, stop_ids=(stop,))).tokens
+  for row in range(2):
+    cut = free[row].index(stop) + 1 if stop in free[row] else len(free[row])
+    assert stopped[row] == free[row][:cut]
+  every = generate(graphdef, params, cfg, prompts,
+                   SamplingConfig(max_new_tokens=24, stop_ids=(free[0][1], free[1][1])))
+  assert every.tokens == [free[0][:2], free[1][:2]] and every.steps == 2
 
 
 def test_stop_sequences_streaming_and_seeds():

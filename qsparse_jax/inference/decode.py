@@ -1,10 +1,12 @@
-"""Text generation with a KV cache: prefill the prompts in one call, then one token per row per step.
+"""Text generation with a KV cache: prefill the prompts in one call, then decode loops on the device, one token per
+row per step and CHUNK steps per loop (the host sees the tokens once per loop, for streaming and stop strings).
 
 Prompts of different lengths go in one batch, right-padded: each row's tokens sit at their own positions, and a
 row's first new token comes from the logits at its last prompt position. Decode steps run the sparse path
 (Transformer.cached with sparse=True): every projection multiplies only the rows of W that its kept activations
 select (pallas_kernels.sparse_matvec; the plain-JAX fast path on the CPU). Sampling is greedy (temperature 0) or
 from softmax(logits / temperature) restricted to the top-k tokens and to the smallest set of probability >= top_p.
+Prompt lengths and cache sizes are bucketed (powers of two), so requests of many lengths share a few programs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from qsparse_jax.nn.model import ModelConfig, init_cache
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off; stop: strings that end a row."""
+  """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off; stop: strings that end a row; stop_ids:
+  tokens that do."""
 
   max_new_tokens: int = 128
   temperature: float = 0.0
@@ -32,6 +35,7 @@ class SamplingConfig:
   top_p: float = 1.0
   seed: int = 0
   stop: tuple[str, ...] = ()
+  stop_ids: tuple[int, ...] = ()  # token ids that end a row (an end-of-text token), checked on the device
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -63,17 +67,59 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, *, temperature: float, t
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+# Tokens each device loop decodes before the host sees them (streaming, stop strings, the next loop's launch).
+CHUNK = 16
+# The smallest prompt and cache buckets: shorter requests share the programs of these sizes.
+MIN_BUCKET = 16
+
+
+def bucket(n: int, cap: int) -> int:
+  """The power of two at or above n (at least MIN_BUCKET), at most cap: requests whose sizes share a bucket share
+  one compiled program."""
+  return min(max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()), cap)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sparse", "temperature", "top_k", "top_p"),
                    donate_argnames=("cache",))
-def _forward_and_sample(graphdef, params, cache, tokens_bt, positions_bt, last_b, key, step, *, sparse: bool,
-                        temperature: float, top_k: int, top_p: float):
-  """One model call on new tokens [B, T] (the prompts, or one token per row) and the next token of every row from
-  its logits at position last_b [B] of the call: (next tokens [B] int32, cache). One dispatch per decode step."""
+def _prefill(graphdef, params, cache, tokens_bt, last_b, key, *, sparse: bool, temperature: float, top_k: int,
+             top_p: float):
+  """The prompts [B, T] (right-padded to their bucket) in one model call, and every row's first new token from its
+  logits at its last prompt position last_b [B]: (tokens [B] int32, cache)."""
+  positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
   logits_btv, cache = nnx.merge(graphdef, params).cached(tokens_bt, positions_bt, cache, sparse=sparse)
   last_logits_bv = jnp.take_along_axis(logits_btv, last_b[:, None, None], axis=1)[:, 0]
-  next_b = sample_logits(last_logits_bv, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
+  next_b = sample_logits(last_logits_bv, jax.random.fold_in(key, 0), temperature=temperature, top_k=top_k,
                          top_p=top_p)
   return next_b, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "sparse", "temperature", "top_k", "top_p"),
+                   donate_argnames=("cache",))
+def _decode_chunk(graphdef, params, cache, tokens_b, positions_b, done_b, stop_ids, key, step, *, chunk: int,
+                  sparse: bool, temperature: float, top_k: int, top_p: float):
+  """Up to `chunk` decode steps on the device, one token per row each: row b's token tokens_b[b] enters at
+  positions_b[b], and the sampled one is the next step's input. A row is done once it samples one of stop_ids; the
+  loop ends early when every row is. Returns (tokens [chunk, B] int32, -1 after the loop ended, cache, done [B]).
+
+  Sampling keys are fold_in(key, step + i), the same as one call per step would use."""
+  model = nnx.merge(graphdef, params)
+  b = tokens_b.shape[0]
+
+  def cond(carry):
+    i, _, _, _, done_b, _ = carry
+    return (i < chunk) & ~jnp.all(done_b)
+
+  def body(carry):
+    i, cache, tokens_b, positions_b, done_b, out_cb = carry
+    logits_btv, cache = model.cached(tokens_b[:, None], positions_b[:, None], cache, sparse=sparse)
+    next_b = sample_logits(logits_btv[:, 0], jax.random.fold_in(key, step + i), temperature=temperature,
+                           top_k=top_k, top_p=top_p)
+    done_b = done_b | jnp.isin(next_b, stop_ids)
+    return i + 1, cache, next_b, positions_b + 1, done_b, out_cb.at[i].set(next_b)
+
+  out_cb = jnp.full((chunk, b), -1, jnp.int32)
+  _, cache, _, _, done_b, out_cb = jax.lax.while_loop(cond, body, (0, cache, tokens_b, positions_b, done_b, out_cb))
+  return out_cb, cache, done_b
 
 
 @dataclasses.dataclass
@@ -108,44 +154,57 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
              on_tokens: Callable[[list[int | None]], None] | None = None) -> Generation:
   """Continue every prompt (token ids) by up to sampling.max_new_tokens tokens.
 
-  decode_text turns ids into text; it is needed to match sampling.stop. on_tokens is called after each step with
-  every row's new token (None for rows already stopped), for streaming.
+  decode_text turns ids into text; it is needed to match sampling.stop. A row also ends at any of
+  sampling.stop_ids (checked on the device). on_tokens is called with every row's new token (None for rows already
+  stopped) once per generated position, for streaming; the host sees the tokens a chunk (CHUNK) at a time.
+
+  The prompts are right-padded to a power-of-two bucket and the KV cache sized to one, so requests within a bucket
+  reuse one compiled prefill and one compiled decode loop.
   """
   check_request(cfg, prompts, sampling, decode_text=decode_text)
   longest = max(map(len, prompts))
   b = len(prompts)
+  cache_len = bucket(longest + sampling.max_new_tokens, cfg.max_seq_len)
+  prompt_len = bucket(longest, cache_len)
   lengths = np.asarray([len(p) for p in prompts], np.int32)
-  tokens = np.zeros((b, longest), np.int32)
+  tokens = np.zeros((b, prompt_len), np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, : len(prompt)] = prompt
-  positions = np.broadcast_to(np.arange(longest, dtype=np.int32), (b, longest))
-  cache = init_cache(cfg, b, longest + sampling.max_new_tokens)
-  run = functools.partial(_forward_and_sample, graphdef, params, sparse=sparse, temperature=sampling.temperature,
-                          top_k=sampling.top_k, top_p=sampling.top_p)
+  options = dict(sparse=sparse, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
   key = jax.random.key(sampling.seed)
-  next_tokens, cache = run(cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(lengths - 1), key, 0)
+  next_b, cache = _prefill(graphdef, params, init_cache(cfg, b, cache_len), jnp.asarray(tokens),
+                           jnp.asarray(lengths - 1), key, **options)
+  stop_ids = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
 
   new = [[] for _ in range(b)]
   done = np.zeros(b, bool)
-  last_b = jnp.zeros((b,), jnp.int32)
-  start, timed_tokens, steps = None, 0, 0
-  for step in range(sampling.max_new_tokens):
-    next_tokens = np.asarray(next_tokens)
-    active = np.flatnonzero(~done)
-    if step >= 2:  # tokens from the decode calls after the first (which compiles): the steady-state rate
-      timed_tokens += len(active)
-    for row in active:
-      new[row].append(int(next_tokens[row]))
-      if sampling.stop and any(decode_text(new[row]).endswith(s) for s in sampling.stop):
-        done[row] = True
-    if on_tokens is not None:
-      on_tokens([int(next_tokens[row]) if row in active else None for row in range(b)])
-    steps += 1
-    if done.all() or step == sampling.max_new_tokens - 1:
+  start, timed_tokens, steps, loops = None, 0, 0, 0
+  pending = np.asarray(next_b)[None]  # [steps, B] tokens the host has not looked at yet
+  while True:
+    for tokens_b in pending:
+      active = np.flatnonzero(~done)
+      if loops >= 2:  # tokens of the loops after the first (which compiles): the steady-state rate
+        timed_tokens += len(active)
+      for row in active:
+        token = int(tokens_b[row])
+        new[row].append(token)
+        if token in sampling.stop_ids or (sampling.stop and any(decode_text(new[row]).endswith(s)
+                                                                for s in sampling.stop)):
+          done[row] = True
+      if on_tokens is not None:
+        on_tokens([int(tokens_b[row]) if row in active else None for row in range(b)])
+      steps += 1
+      if done.all() or steps == sampling.max_new_tokens:
+        break
+    if done.all() or steps == sampling.max_new_tokens:
       break
-    next_tokens, cache = run(cache, next_tokens[:, None], (lengths + step)[:, None], last_b, key, step + 1)
-    if step == 0:
-      jax.block_until_ready(next_tokens)
+    chunk, cache, _ = _decode_chunk(graphdef, params, cache, jnp.asarray(pending[-1]),
+                                    jnp.asarray(lengths + steps - 1), jnp.asarray(done), stop_ids, key, steps,
+                                    chunk=CHUNK, **options)
+    pending = np.asarray(chunk)  # waits for the loop
+    pending = pending[: max(1, int(np.sum(np.any(pending >= 0, axis=1))))]
+    loops += 1
+    if loops == 1:  # the first loop compiles: time the ones after it
       start = time.perf_counter()
   seconds = time.perf_counter() - start if start is not None else 0.0
   return Generation(tokens=new, seconds=seconds, steps=steps, timed_tokens=timed_tokens)
