@@ -46,6 +46,26 @@ def test_cached_decode_equals_the_uncached_forward(sparsity):
     np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-5)
 
 
+def test_long_cache_decodes_blockwise_like_the_uncached_forward():
+  """A 256-entry cache walks its blocks of 128 (nn.cache_attention) in the prefill and in each decode step."""
+  cfg = dataclasses.replace(CFG, max_seq_len=256).with_sparsity(0.4)
+  model = Transformer(cfg, rngs=nnx.Rngs(6))
+  tokens = jax.random.randint(jax.random.key(2), (2, 256), 0, 257)
+  full = nnx.jit(lambda m, toks: m(toks))(model, tokens)
+  got = cached_logits(model, cfg, tokens[:, :140], prefill=130)  # cache of 140 entries: not a multiple of 128
+  np.testing.assert_allclose(got, full[:, :140], rtol=1e-4, atol=1e-5)
+  graphdef, params = nnx.split(model)
+  run = jax.jit(lambda p, toks, pos, cache: nnx.merge(graphdef, p).cached(toks, pos, cache))
+  positions = jnp.broadcast_to(jnp.arange(256), (2, 256))
+  logits, cache = run(params, tokens[:, :200], positions[:, :200], init_cache(cfg, 2, 256))
+  outs = [logits]
+  for i in range(200, 206):
+    logits, cache = run(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
+    outs.append(logits)
+  # online softmax over blocks: float32 sums in another order, a few ulps on O(1) logits
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full[:, :206], rtol=1e-4, atol=1e-5)
+
+
 def greedy_by_recomputation(model, prompt, n):
   """Greedy continuation with no cache: the whole window re-run per token (one compiled [1, 48] forward)."""
   graphdef, params = nnx.split(model)

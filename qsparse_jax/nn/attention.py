@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qsparse_jax.nn.attention_kernels import attention, causal_attention
+from qsparse_jax.nn.attention_kernels import attention
+from qsparse_jax.nn.cache_attention import cache_attention
 from qsparse_jax.nn.linear import DENSE, SparseLinear, decode_site, project, site_kwargs
 from qsparse_jax.nn.rope import RopeScaling, apply_rope, rope_frequencies
 from qsparse_jax.ops import SparsityConfig
@@ -92,8 +93,7 @@ class Attention(nnx.Module):
     rows = jnp.arange(b)[:, None]
     cache = {"k": cache["k"].at[rows, positions_bt].set(k.astype(cache["k"].dtype)),
              "v": cache["v"].at[rows, positions_bt].set(v.astype(cache["v"].dtype))}
-    visible_bts = jnp.arange(cache["k"].shape[1])[None, None, :] <= positions_bt[:, :, None]
-    out_btnk = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), visible_bts)
+    out_btnk = cache_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), positions_bt)
     out = out_btnk.reshape(b, t, self.num_heads * self.head_dim)
     out = self.o_proj.decode(out[:, 0])[:, None] if sparse and t == 1 else self.o_proj(out)
     return out, cache
