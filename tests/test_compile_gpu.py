@@ -8,15 +8,14 @@ of the float32 weights and both Adam moments plus its rows of the batch, and a s
 the advice.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
 import re
 import subprocess
-import sys
 
 import pytest
+from cuda_env import cuda_python
 
 from qsparse_jax.config import apply_overrides, load_preset
 from qsparse_jax.nn.model import count_params
@@ -24,16 +23,6 @@ from qsparse_jax.nn.model import count_params
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESET = "configs/paper_300m.py"
 SMALL = ["model.num_layers=1", "train.batch_size=32", "data.seq_len=512", "train.microbatches=1"]
-
-
-def cuda_python() -> str | None:
-  """An interpreter with jax's CUDA plugin: this one, else .venv-cuda's."""
-  if importlib.util.find_spec("jax_cuda12_plugin") is not None:
-    return sys.executable
-  venv = ROOT / ".venv-cuda" / "bin" / "python"
-  if venv.exists() and subprocess.run([venv, "-c", "import jax_cuda12_plugin"], capture_output=True, check=False).returncode == 0:
-    return str(venv)
-  return None
 
 
 PYTHON = cuda_python()

@@ -13,13 +13,14 @@ prefill tile. Other kernels add their case builders to CASE_BUILDERS (marked bel
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import time
+
+from cuda_env import cuda_python
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPECS = {"h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb"}
@@ -30,6 +31,7 @@ SUMMARY = "gpu_kernel_cases_compiled: "
 def sparse_matvec_cases():
   """(name, fn, [(shape, dtype)], expect_kernel) for sparse_matvec: y [B, N] from values, indices [B, K], W [D, N]."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from pallas_kernels.sparse_matvec import sparse_matvec  # pylint: disable=import-outside-toplevel
 
   def entry(backend):
@@ -52,6 +54,7 @@ def ternary_matmul_cases():
   """ternary_matmul: y [T, N] float32 from int8 codes [T, D], scales [T, 1], packed uint8 [D/4, N], w_scale; 7B decode
   shapes both ways at batch 1, 8, 16 and a 256-row prefill tile."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from pallas_kernels.ternary_matmul import ternary_matmul  # pylint: disable=import-outside-toplevel
 
   def entry(backend):
@@ -101,17 +104,6 @@ def compile_all() -> int:
       print(json.dumps(record), flush=True)
   print(f"{SUMMARY}{passed}/{total}", flush=True)
   return 0 if passed == total else 1
-
-
-def cuda_python() -> str | None:
-  """An interpreter with jax's CUDA plugin: this one, else .venv-cuda's."""
-  if importlib.util.find_spec("jax_cuda12_plugin") is not None:
-    return sys.executable
-  venv = ROOT / ".venv-cuda" / "bin" / "python"
-  if venv.exists() and subprocess.run([venv, "-c", "import jax_cuda12_plugin"], capture_output=True,
-                                      check=False).returncode == 0:
-    return str(venv)
-  return None
 
 
 if __name__ == "__main__":

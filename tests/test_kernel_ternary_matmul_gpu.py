@@ -6,16 +6,15 @@ plugin environment (.venv-cuda, as tests/test_compile_gpu.py finds it; skipped, 
 shapes both ways and a prefill tile hold the mosaic_gpu custom call, and blocks over the shared memory are refused.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
 import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cuda_env import cuda_python
 
 from pallas_kernels.ternary_matmul import pack_ternary
 from pallas_kernels.ternary_matmul.kernel_gpu import GpuBlockSizes, matmul
@@ -94,19 +93,8 @@ print(json.dumps(out))
 """
 
 
-def find_cuda_python() -> str | None:
-  """An interpreter with jax's CUDA plugin (tests/test_compile_gpu.py's rule: this one, else .venv-cuda's)."""
-  if importlib.util.find_spec("jax_cuda12_plugin") is not None:
-    return sys.executable
-  venv = ROOT / ".venv-cuda" / "bin" / "python"
-  if venv.exists() and subprocess.run([venv, "-c", "import jax_cuda12_plugin"], capture_output=True,
-                                      check=False).returncode == 0:
-    return str(venv)
-  return None
-
-
 def compile_cases(cases):
-  python = find_cuda_python()
+  python = cuda_python()
   if python is None:
     pytest.skip("no jax CUDA plugin here or in .venv-cuda (make it with bash scripts/cuda_compile_env.sh)")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
