@@ -4,7 +4,9 @@ One process, float32, random weights, byte vocabulary (so the dense embedding/un
 models of 103M parameters:
 
   wide  (the headline): 2 layers with TinyLlama-1.1B's layer shape, d_model 2048, d_ff 5632, 32 heads;
-  deep: 8 layers of d_model 1024, d_ff 2816, 16 heads.
+  deep: 8 layers of d_model 1024, d_ff 2816, 16 heads;
+  tinyllama, qwen05b: the whole layer stacks of TinyLlama-1.1B (22 layers) and Qwen2-0.5B (24), with their
+    grouped-query heads and SwiGLU (the byte vocabulary instead of theirs), for `--models tinyllama`.
 
 Each decodes greedily for 128 tokens after a 16-token prompt, once with dense projections (sparsity 0) and once with
 Q-Sparse keeping 40% at every site (the same weights). After one warm-up generation each, rounds alternate dense and
@@ -12,6 +14,7 @@ sparse; the figure is the median over rounds of the steady-state decode rates (p
 step excluded). The last line is `decode_sparse_vs_dense_b1: <speedup>` of the wide model.
 
     python scripts/bench_decode.py [--tokens 128] [--rounds 3] [--models wide,deep]
+    python scripts/bench_decode.py --models tinyllama --tokens 32 --rounds 1   (its last line is that model's)
 """
 
 import argparse
@@ -26,6 +29,11 @@ from qsparse_jax.nn.model import ModelConfig, Transformer, count_params
 MODELS = {
     "wide": ModelConfig(vocab_size=257, d_model=2048, num_layers=2, num_heads=32, d_ff=5632, max_seq_len=512),
     "deep": ModelConfig(vocab_size=257, d_model=1024, num_layers=8, num_heads=16, d_ff=2816, max_seq_len=512),
+    # whole real models' shapes (issue 20): TinyLlama-1.1B and Qwen2-0.5B, SwiGLU, grouped-query attention
+    "tinyllama": ModelConfig(vocab_size=257, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, d_ff=5632,
+                             activation="silu", max_seq_len=512),
+    "qwen05b": ModelConfig(vocab_size=257, d_model=896, num_layers=24, num_heads=14, num_kv_heads=2, d_ff=4864,
+                           activation="silu", qkv_bias=True, max_seq_len=512),
 }
 
 
