@@ -6,7 +6,7 @@
 #      16; it prints the pallas_kernels/gpu_verified.py line to add (kernel, GPU, date, max error, speedup at batch 1);
 #      then ternary_matmul (int8 x packed 2-bit) the same way against a bfloat16 dense matmul, batch 1 to 256;
 #   3. the kernel table of scripts/bench_kernels.py (every op with backend "auto" against its dense baseline);
-#   4. end-to-end decode, sparse vs dense, at batch 1 and 8 (scripts/bench_decode.py: its 100M "wide" model).
+#   4. end-to-end decode, sparse vs dense, at batch 1 and 8 (scripts/bench_decode.py: the TinyLlama-1.1B-shaped model).
 # About 3 minutes on an H100/H200.
 #   bash scripts/bench_gpu.sh            # on the GPU machine
 #   bash scripts/bench_gpu.sh --dry      # tiny shapes on the CPU: checks step 3's script only
@@ -112,4 +112,4 @@ print(f'record: gpu_verified.Verified("ternary_matmul", "{gpu}", "{datetime.date
 EOF
 fi
 "$PYTHON" scripts/bench_kernels.py "$@"
-exec "$PYTHON" scripts/bench_decode.py --models wide --tokens 64 --rounds 2
+exec "$PYTHON" scripts/bench_decode.py --models tinyllama --tokens 64 --rounds 2
