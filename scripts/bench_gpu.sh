@@ -38,14 +38,11 @@ def problem(b, d, n, keep, dtype):
   indices = jnp.asarray(np.stack([np.sort(rng.choice(d, k, replace=False)) for _ in range(b)]), jnp.int32)
   return jnp.asarray(rng.standard_normal((b, k)), dtype), indices, w
 
+sys.path.insert(0, "scripts")
+from bench_kernels import median_seconds  # the kernel table's timing: warm-up, then the median of repeats
+
 def median_ms(fn, *args, repeats=50):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return 1e3 * median_seconds(fn, args, repeats)
 
 kernel = jax.jit(lambda v, i, w: sparse_matvec(v, i, w, backend="pallas"))
 xla_sparse = jax.jit(lambda v, i, w: sparse_matvec(v, i, w, backend="xla"))
