@@ -4,6 +4,7 @@
     qsparse train --distributed --config configs/paper_7b.py ...   (every process of a multi-host job)
     qsparse generate --checkpoint runs/tiny --prompt "def main():" [--max-new-tokens 200 --temperature 0.8]
     qsparse eval --checkpoint runs/tiny [--batches 16 --json eval.json] [data.field=value ...]
+    qsparse lm-eval --checkpoint runs/tiny|hf:DIR --tasks arc_challenge,hellaswag|paper [--compare-dense ...]
     qsparse export-hf --checkpoint runs/continue_tiny --out exported/ [--arch llama --dtype bfloat16]
     qsparse compile --config configs/paper_7b.py --topology v5p-128   (does it fit? compiled for TPU, no TPU needed)
     qsparse compile --decode --batch 8 --config configs/paper_1p3b.py --topology h200x1   (GPUs: in .venv-cuda)
@@ -190,6 +191,54 @@ def _eval(args) -> int:
   return 0
 
 
+def _lm_eval(args) -> int:
+  import json
+  import logging
+
+  import absl.logging
+
+  try:
+    from qsparse_jax.inference import harness
+  except ModuleNotFoundError as err:
+    if err.name is None or not err.name.startswith("lm_eval"):
+      raise
+    raise ValueError("qsparse lm-eval needs lm-evaluation-harness: pip install 'qsparse-jax[eval]'") from None
+
+  absl.logging.set_verbosity(absl.logging.FATAL)
+  if not args.debug:  # the harness's and the Hub client's notes and retries would bury the table and the errors
+    for name in ("lm_eval", "lm-eval", "datasets", "huggingface_hub", "evaluate"):
+      logging.getLogger(name).setLevel(logging.ERROR)
+  if args.batch_size < 1:
+    raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+  if args.limit is not None and args.limit <= 0:
+    raise ValueError(f"--limit must be positive, got {args.limit}")
+  specs = harness.parse_tasks(args.tasks, args.num_fewshot)
+  manager = harness.task_manager(args.include_path, [s.name for s in specs])
+  mesh = harness.make_eval_mesh(args.overrides)
+  model = harness.load_model(args.checkpoint, overrides=args.overrides, step=args.step, mesh=mesh)
+  lm = harness.QSparseLM(model, batch_size=args.batch_size, mesh=mesh, max_gen_toks=args.max_gen_toks)
+  limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+  try:
+    scores = harness.evaluate(lm, specs, task_manager=manager, limit=limit)
+    dense = harness.evaluate(lm.dense(), specs, task_manager=manager, limit=limit) if args.compare_dense else None
+  except ConnectionError as err:  # a Hub dataset while offline: `datasets` names it
+    print(f"qsparse lm-eval: error: a task's dataset cannot be downloaded: {err}; the harness's own tasks fetch "
+          "their data from the Hugging Face Hub once (then ~/.cache/huggingface); offline, evaluate local tasks "
+          "(--include-path DIR)", file=sys.stderr)
+    return 1
+  cfg = model.config.model
+  sites = ", ".join(f"{name} {cfg.site_keep_counts()[name][1]}/{cfg.site_keep_counts()[name][0]}"
+                    for name in ("qkv", "out", "up", "down"))
+  print(f"{args.checkpoint} (step {model.step}): kept entries per site {sites}; mesh "
+        f"{dict(lm.mesh.shape)}, batch {lm.batch_size}")
+  print(harness.table(scores, dense, label=harness.sparsity_label(cfg), specs=specs))
+  if args.json is not None:
+    payload = {"checkpoint": args.checkpoint, "step": model.step, **harness.scores_json(scores, dense)}
+    pathlib.Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.json}")
+  return 0
+
+
 def _export_hf(args) -> int:
   import absl.logging
   import jax.numpy as jnp
@@ -288,6 +337,26 @@ def main(argv: list[str] | None = None) -> int:
   p_eval.add_argument("--json", help="also write the figures as JSON to this file ('-': print JSON instead)")
   p_eval.add_argument("overrides", nargs="*", help="data.field=value: measure on other text (e.g. "
                       "data.paths=notes.txt); model.sparsity*=S: at another sparsity (model.sparsity=0: dense)")
+  p_lm = add("lm-eval", help="zero- and few-shot accuracy on lm-evaluation-harness tasks, sparse and dense (the "
+              "paper's Tables 1 and 4); needs the eval extra")
+  p_lm.add_argument("--checkpoint", required=True, help="run directory of `qsparse train`, or hf:DIR (a Hugging Face "
+                    "checkpoint with its tokenizer)")
+  p_lm.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups (arc_challenge,hellaswag,"
+                    "...), or 'paper': ARC-C 25-shot, HellaSwag 10, MMLU 5, WinoGrande 5, TruthfulQA (mc2) 0")
+  p_lm.add_argument("--num-fewshot", type=int, help="shots for every task (default: each task's own, or the paper's)")
+  p_lm.add_argument("--limit", type=float, help="evaluate only the first N documents of each task (a fraction if < 1)")
+  p_lm.add_argument("--batch-size", type=int, default=16, help="sequences per model call (default 16)")
+  p_lm.add_argument("--max-gen-toks", type=int, default=256, help="generation tasks: default new-token limit when "
+                    "a task sets none")
+  p_lm.add_argument("--json", help="also write the scores as JSON to this file")
+  p_lm.add_argument("--compare-dense", action="store_true", help="also evaluate the same weights with every sparsity "
+                    "set to 0, and print both columns and their difference")
+  p_lm.add_argument("--include-path", help="a folder of local task YAMLs to add to the harness's own")
+  p_lm.add_argument("--step", type=int, help=step_help)
+  p_lm.add_argument("overrides", nargs="*", help="model.*=V: the Q-Sparse settings to evaluate at (model.sparsity=0.6 "
+                    "sets every site; an hf: checkpoint comes in dense unless its config.json records them); "
+                    "mesh.*=N: the mesh (default data-parallel over every device; mesh.data=1 mesh.fsdp=-1 splits a "
+                    "large model's weights)")
   p_exp = add("export-hf", help="write a run's latest weights as a Hugging Face checkpoint")
   p_exp.add_argument("--checkpoint", required=True, help="run directory of `qsparse train` (or its checkpoints/)")
   p_exp.add_argument("--step", type=int, help=step_help)
@@ -319,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-  return {"train": _train, "generate": _generate, "eval": _eval, "export-hf": _export_hf, "compile": _compile,
-          "scaling": _scaling}[args.command](args)
+  return {"train": _train, "generate": _generate, "eval": _eval, "lm-eval": _lm_eval, "export-hf": _export_hf,
+          "compile": _compile, "scaling": _scaling}[args.command](args)
 
 
 def _run_reporting_errors(args) -> int:

@@ -13,6 +13,7 @@ from qsparse_jax.config import Config, config_from_json
 from qsparse_jax.data import tokenizers
 from qsparse_jax.nn.linear import pack_ternary_layers
 from qsparse_jax.nn.model import ModelConfig, Transformer
+from qsparse_jax.parallel import sharding
 from qsparse_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, checkpoint_dir
 from qsparse_jax.training.init_from import MODEL_FIELDS
 from qsparse_jax.training.optimizer import make_optimizer
@@ -29,7 +30,7 @@ class LoadedModel:
 
 
 def load(path: str | pathlib.Path, *, step: int | None = None, tokenizer: str | None = None,
-         pack: bool = True) -> LoadedModel:
+         pack: bool = True, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
   """The model of the newest checkpoint under path that restores (or of checkpoint `step`), its config and tokenizer.
 
   A checkpoint that cannot be read back is passed over for the next older one, with a CheckpointWarning naming its
@@ -37,6 +38,8 @@ def load(path: str | pathlib.Path, *, step: int | None = None, tokenizer: str | 
   tokenizer: to insist on one (e.g. "byte"); a different one than the checkpoint was trained with is refused.
   pack: for a model trained with ternary weights (BitNet b1.58), replace each projection's float kernel by its
     ternary codes packed 4 to a byte, so it multiplies through ternary_matmul (int8 x 2-bit) at 1/16 of the bytes.
+  mesh: restore the parameters sharded over it as in training (sharding.param_shardings), each device reading only
+    its own shard, instead of whole onto the first local device.
   """
   def check(meta: dict) -> bool:
     trained_with = config_from_json(meta).data.tokenizer
@@ -51,6 +54,9 @@ def load(path: str | pathlib.Path, *, step: int | None = None, tokenizer: str | 
     _, abstract_params = nnx.split(nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
     abstract = {"step": jax.ShapeDtypeStruct((), "int32"), "params": abstract_params,
                 "opt_state": jax.eval_shape(tx.init, abstract_params)}
+    if mesh is not None:
+      shardings = sharding.train_state_shardings(abstract, tx, mesh)
+      return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh wrote it
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), abstract)
 
