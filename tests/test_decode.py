@@ -217,6 +217,32 @@ def test_packed_ternary_model_decodes_like_its_uncached_forward():
   assert not weights  # no float kernels left in the projections
 
 
+def test_unpacked_ternary_decode_reads_only_kept_rows_with_scales_computed_once():
+  """generate stores each ternary layer's scale once (decode.with_ternary_scales), and its decode steps ternarize
+  only the rows they read: the same greedy tokens as the uncached forward, and a decode step that no longer reads
+  every kernel to recompute the scale (XLA's byte count of the compiled step drops by at least the kernels' bytes)."""
+  from qsparse_jax.nn import linear
+
+  cfg = dataclasses.replace(CFG, ternary_weights=True).with_sparsity(0.4)
+  model = Transformer(cfg, rngs=nnx.Rngs(8))
+  graphdef, params = nnx.split(model)
+  prompt = [5, 70, 33, 9, 120]
+  assert generate(graphdef, params, cfg, [prompt], SamplingConfig(max_new_tokens=8)).tokens[0] == (
+      greedy_by_recomputation(model, prompt, 8))
+
+  def step_bytes(graphdef, params):
+    step = jax.jit(lambda p, toks, pos, cache: nnx.merge(graphdef, p).cached(toks, pos, cache))
+    args = (params, jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), 3, jnp.int32), init_cache(cfg, 1, 16))
+    return step.lower(*args).compile().cost_analysis()["bytes accessed"]
+
+  cached_graphdef, cached_params = decode.with_ternary_scales(graphdef, params)
+  kernels = [m.kernel for _, m in nnx.iter_modules(nnx.merge(cached_graphdef, cached_params))
+             if isinstance(m, linear.SparseLinear) and getattr(m, "ternary_scale", None) is not None]
+  assert len(kernels) == 7 * cfg.num_layers
+  kernel_bytes = sum(k[...].nbytes for k in kernels)
+  assert step_bytes(graphdef, params) - step_bytes(cached_graphdef, cached_params) >= kernel_bytes
+
+
 def test_loading_a_ternary_checkpoint_packs_its_weights(tmp_path):
   from qsparse_jax import inference
   from qsparse_jax.training.checkpoint import Checkpointer, meta_json

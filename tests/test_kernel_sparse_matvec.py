@@ -98,6 +98,22 @@ def test_sparse_matvecs_equal_one_matvec_per_weight(backend):
     sparse_matvecs(values, indices, (w, w[:128]))
 
 
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_ternary_scales_ternarize_the_rows_read(backend):
+  """A W with a scale counts as ternarize(W): RoundClip(W / s, -1, 1) · s (method.md §4), written here in NumPy. N of
+  130 and 129 give the CPU path 2 and 1 column blocks; the pallas backend ternarizes the whole W for the kernel."""
+  values, indices, w = random_problem(5, 2, 256, 130, 40, jnp.float32)
+  ws = (w, w[:, :129] * 3)
+  scales = [float(np.mean(np.abs(np.asarray(x, np.float64)))) + 1e-5 for x in ws]
+  ys = sparse_matvecs(values, indices, ws, backend=backend, ternary_scales=(jnp.float32(scales[0]), None))
+  ternary = np.clip(np.round(np.asarray(ws[0], np.float64) / scales[0]), -1, 1) * scales[0]
+  assert set(np.unique(np.round(ternary / scales[0]))) <= {-1.0, 0.0, 1.0}
+  np.testing.assert_allclose(np.asarray(ys[0]), np_sparse_matvec(values, indices, ternary), **TOLERANCE[jnp.float32])
+  np.testing.assert_allclose(np.asarray(ys[1]), np_sparse_matvec(values, indices, ws[1]), **TOLERANCE[jnp.float32])
+  with pytest.raises(ValueError, match="one entry per W"):
+    sparse_matvecs(values, indices, ws, ternary_scales=(None,))
+
+
 def test_bad_input_is_named():
   values, indices, w = random_problem(0, 1, 32, 128, 4, jnp.float32)
   with pytest.raises(ValueError, match=r"values and indices must both be \[B, K\]"):

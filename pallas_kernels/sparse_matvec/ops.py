@@ -21,10 +21,14 @@ from pallas_kernels import dispatch
 from pallas_kernels.sparse_matvec.kernel import BlockSizes, padded_k, sparse_matvec_pallas
 from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, sparse_matvec_gpu
 from qsparse_jax.ops.selection import mask_from_thresholds, row_thresholds
+from qsparse_jax.ops.sparsity import ternary_codes
 
 PALLAS_PLATFORMS = ("tpu",)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per core on v5p and v6e)
+# Kept entries per step of the CPU path's loop: enough rows of W (32 x N) that XLA shares each step among the
+# CPU's threads even at batch 1, few enough to stream; measured on TinyLlama-shaped decoding (docs/benchmarks.md).
+CPU_CHUNK = 32
 
 
 def kernel_supported(values_shape: tuple[int, ...], w_shape: tuple[int, ...], w_dtype) -> bool:
@@ -97,27 +101,47 @@ def _check(values_bk, indices_bk, w_dn):
     raise ValueError(f"W must be [D, N], got shape {w_dn.shape}")
 
 
+def _ternary_rows(rows, scale):
+  """Rows of W as ternarize(W) has them, from the whole tensor's absmean scale α + ε (method.md §4)."""
+  return ternary_codes(rows, scale) * scale
+
+
+def column_blocks(n_out: int) -> int:
+  """How many column blocks the CPU path splits an output of n_out columns into: 8, 4, 2 or 1, the most that divide
+  it. They make the outer dimension of each loop step's output, which XLA's CPU backend can share among threads."""
+  return next(p for p in (8, 4, 2, 1) if n_out % p == 0)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk",))
-def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, *, chunk: int) -> tuple:
+def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, chunk: int) -> tuple:
   """[B, N_w] float32 for each W in ws_dn: one scan over the kept entries that reads row i_j of every W in the same
-  loop body (the projections of one sparsified input share their chunks of values and indices)."""
+  loop body (the projections of one sparsified input share their chunks of values and indices). A W with a scale
+  (not None) is ternary: each row read is ternarized with it, inside the same loop.
+
+  Each step's partial sums are [P, B, N_w / P] (P = column_blocks(N_w)): a leading dimension of P column blocks,
+  so that XLA's CPU backend may split the step among its threads even at batch 1 (it splits a loop's outer
+  dimension when the step's cost is large enough, which `chunk` rows of W make it). W [D, N] read as [D, P, N / P]
+  is the same memory, so each row is still one contiguous read."""
   b, k = values_bk.shape
   padded = -(-k // chunk) * chunk  # padding entries have value 0 (at row 0)
   v_cbj = jnp.pad(values_bk.astype(jnp.float32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
   i_cbj = jnp.pad(indices_bk.astype(jnp.int32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
+  ws_dpn = tuple(w.reshape(w.shape[0], column_blocks(w.shape[1]), -1) for w in ws_dn)
 
   def body(acc, chunk_in):
     v_bj, i_bj = chunk_in
 
-    def axpys(w_dn):  # [B, N]: Σ_j v_j W[i_j] for each batch row, one fused loop
-      return jnp.stack([sum(v_bj[r, j] * lax.dynamic_index_in_dim(w_dn, i_bj[r, j], keepdims=False)
-                            .astype(jnp.float32) for j in range(chunk)) for r in range(b)])
+    def axpys(w_dpn, scale):  # [P, B, N/P]: Σ_j v_j W[i_j] for each batch row, one fused loop
+      def row(i):
+        w_pn = lax.dynamic_index_in_dim(w_dpn, i, keepdims=False).astype(jnp.float32)
+        return w_pn if scale is None else _ternary_rows(w_pn, scale)
+      return jnp.stack([sum(v_bj[r, j] * row(i_bj[r, j]) for j in range(chunk)) for r in range(b)], axis=1)
 
-    return tuple(a + axpys(w) for a, w in zip(acc, ws_dn)), None
+    return tuple(a + axpys(w, scale) for a, w, scale in zip(acc, ws_dpn, scales)), None
 
-  init = tuple(jnp.zeros((b, w.shape[1]), jnp.float32) for w in ws_dn)
+  init = tuple(jnp.zeros((w.shape[1], b, w.shape[2]), jnp.float32) for w in ws_dpn)
   ys, _ = lax.scan(body, init, (v_cbj, i_cbj))
-  return ys
+  return tuple(y_pbn.swapaxes(0, 1).reshape(b, -1) for y_pbn in ys)
 
 
 def _kernel_matvecs(values_bk, indices_bk, ws_dn, *, block_sizes, interpret):
@@ -149,17 +173,19 @@ def sparse_matvec(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array, 
 
 
 def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backend: str = "auto",
-                   chunk: int | None = None, block_sizes=None) -> tuple[jax.Array, ...]:
+                   chunk: int | None = None, block_sizes=None, ternary_scales=None) -> tuple[jax.Array, ...]:
   """(x ⊙ M) W for each W [D, N_w] in ws_dn, the projections that read one sparsified input (q, k and v; gate and
   up). The CPU fast path streams the selected row of every W in one pass; the kernel runs once per W.
 
-  chunk: kept entries per scan step of the CPU path; by default 16 for one W and 8 for several (rows streamed at
-  once; measured best for a 100M model's decode step, where 16 rows of three matrices slowed the stream).
+  ternary_scales: None, or per W None or the absmean scale α + ε of a ternary W (absmean_ternary): that W counts
+  as ternarize(W), and the CPU path ternarizes only the rows it reads (the kernels take the whole ternarized W).
+
+  chunk: kept entries per scan step of the CPU path (default CPU_CHUNK).
   block_sizes: the kernel's tiles, one BlockSizes for every W or one per W (default: per chip, fitted to each W).
   """
   ws_dn = tuple(ws_dn)
   if chunk is None:
-    chunk = 16 if len(ws_dn) == 1 else 8
+    chunk = CPU_CHUNK
   if not ws_dn:
     raise ValueError("expected at least one weight matrix")
   for w_dn in ws_dn:
@@ -168,6 +194,9 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
     raise ValueError(f"every W must have the same input size D, got shapes {[w.shape for w in ws_dn]}")
   out_dtypes = [jnp.promote_types(values_bk.dtype, w.dtype) for w in ws_dn]
   dispatch.check(backend)
+  scales = tuple(ternary_scales) if ternary_scales is not None else (None,) * len(ws_dn)
+  if len(scales) != len(ws_dn):
+    raise ValueError(f"ternary_scales must have one entry per W ({len(ws_dn)}), got {len(scales)}")
   if block_sizes is None:
     block_sizes = tuple(BlockSizes.get_default(values_bk.shape[1], w.shape[1], chip=dispatch.chip_name())
                         for w in ws_dn)
@@ -175,10 +204,16 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
     block_sizes = (block_sizes,) * len(ws_dn)
   if len(block_sizes) != len(ws_dn) or not all(isinstance(bs, BlockSizes) for bs in block_sizes):
     raise ValueError(f"block_sizes must be a sparse_matvec BlockSizes or one per W, got {block_sizes!r}")
-  gpu = dispatch.GpuKernel("sparse_matvec", _gpu_matvecs)  # other W: "pallas" on a GPU interprets the TPU kernel
+
+  def ternarized(kernel_fn):  # the kernels read W as stored: hand them the whole ternarized W
+    return lambda v, i, ws, **kwargs: kernel_fn(v, i, tuple(w if s is None else _ternary_rows(w, s).astype(w.dtype)
+                                                            for w, s in zip(ws, scales)), **kwargs)
+
+  # (other W: "pallas" on a GPU interprets the TPU kernel)
+  gpu = dispatch.GpuKernel("sparse_matvec", ternarized(_gpu_matvecs))
   ys = dispatch.select(
-      backend, functools.partial(_kernel_matvecs, block_sizes=tuple(block_sizes)),
-      lambda v, i, ws: _xla_sparse_matvecs(v, i, ws, chunk=chunk), values_bk, indices_bk, ws_dn,
+      backend, ternarized(functools.partial(_kernel_matvecs, block_sizes=tuple(block_sizes))),
+      lambda v, i, ws: _xla_sparse_matvecs(v, i, ws, scales, chunk=chunk), values_bk, indices_bk, ws_dn,
       kernel_ok=all(kernel_supported(values_bk.shape, w.shape, w.dtype) for w in ws_dn),
       gpu=gpu if all(gpu_kernel_supported(w.shape, w.dtype) for w in ws_dn) else None)
   return tuple(y.astype(t) for y, t in zip(ys, out_dtypes))

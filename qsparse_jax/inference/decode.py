@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qsparse_jax.nn.linear import cache_ternary_scales
 from qsparse_jax.nn.model import ModelConfig, init_cache
 
 
@@ -122,6 +123,13 @@ def _decode_chunk(graphdef, params, cache, tokens_b, positions_b, done_b, stop_i
   return out_cb, cache, done_b
 
 
+def with_ternary_scales(graphdef, params):
+  """(graphdef, params) of the model with the absmean scale of each unpacked ternary layer stored beside its kernel
+  (linear.cache_ternary_scales): computed once per generate call, so each token ternarizes only its kept rows."""
+  model = nnx.merge(graphdef, params)
+  return nnx.split(model) if cache_ternary_scales(model) else (graphdef, params)
+
+
 @dataclasses.dataclass
 class Generation:
   tokens: list[list[int]]  # the new tokens of each prompt (up to and including a stop sequence)
@@ -162,6 +170,7 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
   reuse one compiled prefill and one compiled decode loop.
   """
   check_request(cfg, prompts, sampling, decode_text=decode_text)
+  graphdef, params = with_ternary_scales(graphdef, params)
   longest = max(map(len, prompts))
   b = len(prompts)
   cache_len = bucket(longest + sampling.max_new_tokens, cfg.max_seq_len)

@@ -20,7 +20,7 @@ from pallas_kernels.nm_matmul import ops as nm_ops
 from pallas_kernels.sparse_matvec import ops as smv_ops
 from pallas_kernels.ternary_matmul import ops as tm_ops
 from pallas_kernels.topk import ops as topk_ops
-from qsparse_jax.ops import (SparsityConfig, absmax_quantize, absmean_ternary, keep_count, quantize_activations,
+from qsparse_jax.ops import (SparsityConfig, absmax_quantize, absmean_scale, absmean_ternary, keep_count, quantize_activations,
                              sparsify, ternarize)
 from qsparse_jax.parallel.rowwise import rowwise
 from qsparse_jax.parallel.sharding import constrain
@@ -112,6 +112,18 @@ def site_kwargs(cfg: SparsityConfig) -> dict:
 
 class PackedTernary(nnx.Variable):
   """Inference-only state of a packed ternary SparseLinear (SparseLinear.pack): its codes or their scale."""
+
+
+def cache_ternary_scales(model: nnx.Module) -> int:
+  """Give every unpacked ternary SparseLinear of model its absmean scale α + ε (method.md §4) as inference state, in
+  place, so that decode steps ternarize only the rows of W their kept entries select (project_kept) instead of the
+  whole W at every token. For a model whose weights no longer change (generate does it on its own copy); returns
+  how many layers got one."""
+  layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, SparseLinear) and m.ternary_weights
+            and not m.is_packed]
+  for layer in layers:
+    layer.ternary_scale = PackedTernary(absmean_scale(layer.kernel[...]))
+  return len(layers)
 
 
 def pack_ternary_layers(model: nnx.Module) -> int:
@@ -288,9 +300,17 @@ def project_kept(kept: Kept, *layers: SparseLinear) -> tuple[jax.Array, ...]:
 
   W stays in its parameter dtype (float32): converting it to a lower compute dtype first would read and write every
   row of it each step, the traffic the kept rows are meant to save. The kept values (exact in float32) multiply the
-  selected rows in that dtype, and y comes back in the compute dtype."""
+  selected rows in that dtype, and y comes back in the compute dtype. A ternary W is ternarized row by row as it is
+  read, with the scale cache_ternary_scales stored (else computed here, from the whole W)."""
   dtype = layers[0].dtype or kept.values.dtype
-  kernels = tuple(ternarize(l.kernel[...]) if l.ternary_weights else l.kernel[...] for l in layers)
+  kernels = tuple(l.kernel[...] for l in layers)
+  scales = tuple(_ternary_scale(l) if l.ternary_weights else None for l in layers)
   values = kept.values.astype(jnp.promote_types(kept.values.dtype, kernels[0].dtype))
-  ys = smv_ops.sparse_matvecs(values, kept.indices, kernels, backend=layers[0].kernels)
+  ys = smv_ops.sparse_matvecs(values, kept.indices, kernels, backend=layers[0].kernels, ternary_scales=scales)
   return tuple((y if l.bias is None else y + l.bias[...].astype(y.dtype)).astype(dtype) for y, l in zip(ys, layers))
+
+
+def _ternary_scale(layer: SparseLinear) -> jax.Array:
+  """α + ε of a ternary layer's kernel: the one cache_ternary_scales stored, else computed from the whole kernel."""
+  cached = getattr(layer, "ternary_scale", None)
+  return cached[...] if cached is not None else absmean_scale(layer.kernel[...])

@@ -147,10 +147,19 @@ def absmean_ternary(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     q: int8 codes in {−1, 0, 1} of w's shape, and scale: float32 scalar α + ε, so that w ≈ q · scale.
   """
   _check_float(w, "w")
-  w32 = w.astype(jnp.float32)
-  scale = jnp.mean(jnp.abs(w32)) + EPS
-  q = jnp.clip(jnp.round(w32 / scale), -1.0, 1.0)
-  return q.astype(jnp.int8), scale
+  scale = absmean_scale(w)
+  return ternary_codes(w, scale).astype(jnp.int8), scale
+
+
+def absmean_scale(w: jax.Array) -> jax.Array:
+  """α + ε = mean|W| + ε, the float32 scale of absmean_ternary (method.md §4), one for the whole tensor."""
+  return jnp.mean(jnp.abs(w.astype(jnp.float32))) + EPS
+
+
+def ternary_codes(w: jax.Array, scale: jax.Array) -> jax.Array:
+  """RoundClip(W / scale, −1, 1) of method.md §4 as float32, for any part of a tensor (rows of W, say) whose
+  whole-tensor scale α + ε is already known: the values absmean_ternary gives those entries."""
+  return jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -1.0, 1.0)
 
 
 def _fake_quant_activations(x: jax.Array, bits: int) -> jax.Array:
