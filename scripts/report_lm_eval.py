@@ -2,14 +2,14 @@
 has: given 3 lines of a Python standard-library module, which of 4 candidate lines comes next?
 
     python scripts/report_lm_eval.py [--qsparse /tmp/lmeval_runs/tiny] [--dense /tmp/lmeval_runs/tiny_dense]
-                                     [--items 400] [--seed 0] [--batch-size 32]
+                                     [--items 500] [--seed 0] [--batch-size 32]
 
 The task ("stdlib_next_line") is built deterministically (seeded) from the held-out part of the corpus the README's
 tiny runs train on: data.source=python_stdlib keeps the last 5% of every top-level module (data.validation_fraction)
 out of training (qsparse_jax.data.text.split_text). An item is 3 consecutive lines of that part and the line after
 them (at least 12 characters without its indentation, its 4-line window absent from the file's training part);
-the 3 distractors are lines of other modules' held-out parts with the same indentation and lengths closest to the
-answer's, so neither indentation nor length gives the answer away. At most 3 items per module. The items and the
+the 3 distractors are lines drawn uniformly from the other modules' held-out parts (at least 12 characters too).
+At most 4 items per module. The items and the
 YAML go into a temporary folder read through TaskManager(include_path=...); the JSONL is kept with --keep DIR.
 
 The two runs are the README's (trained first if missing):
@@ -36,7 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASK = "stdlib_next_line"
 VALIDATION_FRACTION = 0.05  # configs/tiny.py and configs/pretrain_tiny_dense.py
 MIN_CHARS = 12
-PER_FILE = 3
+PER_FILE = 4
 CHOICES = 4
 
 YAML = f"""task: {TASK}
@@ -52,12 +52,12 @@ doc_to_target: label
 target_delimiter: ""
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
   - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
 """
-
-
-def indentation(line: str) -> str:
-  return line[: len(line) - len(line.lstrip())]
 
 
 def build_items(num_items: int, seed: int) -> list[dict]:
@@ -69,11 +69,7 @@ def build_items(num_items: int, seed: int) -> list[dict]:
     train_part, validation_part = text.split_text(text.read_text_file(path), VALIDATION_FRACTION)
     held_out[path.name] = validation_part.split("\n")
     windows[path.name] = train_part
-  pool: dict[str, list[tuple[str, str]]] = {}  # indentation -> (file, line) of every long enough held-out line
-  for name, lines in held_out.items():
-    for line in lines:
-      if len(line.strip()) >= MIN_CHARS:
-        pool.setdefault(indentation(line), []).append((name, line))
+  pool = [(name, line) for name, lines in held_out.items() for line in lines if len(line.strip()) >= MIN_CHARS]
   rng = random.Random(seed)
   picked = []
   for name, lines in held_out.items():
@@ -84,8 +80,6 @@ def build_items(num_items: int, seed: int) -> list[dict]:
         continue
       if "\n".join(context + [answer]) in windows[name]:  # seen in training after all
         continue
-      if len({line for f, line in pool[indentation(answer)] if f != name and line != answer}) < 10:
-        continue  # too few lines of that indentation elsewhere to draw distractors from
       found.append((name, i))
     picked += rng.sample(found, min(PER_FILE, len(found)))
   rng.shuffle(picked)
@@ -96,9 +90,11 @@ def build_items(num_items: int, seed: int) -> list[dict]:
   for name, i in picked:
     lines = held_out[name]
     answer = lines[i]
-    others = sorted({line for f, line in pool[indentation(answer)] if f != name and line != answer},
-                    key=lambda line: (abs(len(line) - len(answer)), line))[:30]
-    distractors = rng.sample(others, CHOICES - 1)
+    distractors = []
+    while len(distractors) < CHOICES - 1:  # lines of other modules, uniformly
+      other, line = pool[rng.randrange(len(pool))]
+      if other != name and line != answer and line not in distractors:
+        distractors.append(line)
     label = rng.randrange(CHOICES)
     choices = distractors[:label] + [answer] + distractors[label:]
     items.append({"context": "\n".join(lines[i - 3:i]) + "\n", "choices": choices, "label": label, "file": name})
@@ -126,7 +122,7 @@ def main():
   parser.add_argument("--qsparse", default="/tmp/lmeval_runs/tiny", help="the Q-Sparse run (configs/tiny.py)")
   parser.add_argument("--dense", default="/tmp/lmeval_runs/tiny_dense",
                       help="the dense run (configs/pretrain_tiny_dense.py)")
-  parser.add_argument("--items", type=int, default=400)
+  parser.add_argument("--items", type=int, default=500)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--keep", help="also write the task's JSONL and YAML into this folder")
