@@ -229,8 +229,9 @@ def _lm_eval(args) -> int:
   cfg = model.config.model
   sites = ", ".join(f"{name} {cfg.site_keep_counts()[name][1]}/{cfg.site_keep_counts()[name][0]}"
                     for name in ("qkv", "out", "up", "down"))
-  print(f"{args.checkpoint} (step {model.step}): kept entries per site {sites}; mesh "
-        f"{dict(lm.mesh.shape)}, batch {lm.batch_size}")
+  mesh_shape = " x ".join(f"{axis} {size}" for axis, size in lm.mesh.shape.items())
+  print(f"{args.checkpoint} (step {model.step}): kept entries per site {sites}; mesh {mesh_shape}, batch "
+        f"{lm.batch_size}")
   print(harness.table(scores, dense, label=harness.sparsity_label(cfg), specs=specs))
   if args.json is not None:
     payload = {"checkpoint": args.checkpoint, "step": model.step, **harness.scores_json(scores, dense)}

@@ -294,8 +294,8 @@ def test_hugging_face_checkpoint_with_a_sparsity_override(tmp_path):
   context, continuation = "all the world", " is a stage"
   whole, ctx = tok.encode(context + continuation), tok.encode(context)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(want_cfg, rngs=nnx.Rngs(0))))
-  ref = inference.LoadedModel(config=Config(model=want_cfg, data=DataConfig(seq_len=MAX_LEN)), graphdef=graphdef, params=want_params, tokenizer=tok,
-                              step=0)
+  ref = inference.LoadedModel(config=Config(model=want_cfg, data=DataConfig(seq_len=MAX_LEN)), graphdef=graphdef,
+                              params=want_params, tokenizer=tok, step=0)
   logp, _ = reference_logprobs(ref, [whole])[0]
   (got, _), = lm.score_tokens([(ctx, whole[len(ctx):])])
   np.testing.assert_allclose(got, logp[len(ctx) - 1:].sum(), rtol=1e-5)

@@ -55,9 +55,9 @@ class TaskSpec:
   metric: str | None = None  # the headline metric (None: every metric is shown, none averaged)
 
 
-# The paper's set (its Tables 1 and 4: ARC-C, HellaSwag, MMLU, WinoGrande, TruthfulQA and their average). method.md
-# does not give shot counts; these are the Open LLM Leaderboard's (25, 10, 5, 5, 0), whose averages the paper's
-# dense Mistral 7B row reproduces, each read with the leaderboard's metric.
+# The paper's set (its Tables 1 and 4: ARC-C, HellaSwag, MMLU, WinoGrande, TruthfulQA and their average; method.md §7).
+# method.md does not give shot counts; these are the Open LLM Leaderboard's for the same five tasks (25, 10, 5, 5, 0),
+# each read with the leaderboard's metric.
 PAPER_TASKS = (TaskSpec("arc_challenge", 25, "acc_norm"), TaskSpec("hellaswag", 10, "acc_norm"),
                TaskSpec("mmlu", 5, "acc"), TaskSpec("winogrande", 5, "acc"), TaskSpec("truthfulqa_mc2", 0, "acc"))
 
