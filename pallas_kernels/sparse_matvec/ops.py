@@ -121,27 +121,30 @@ def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, c
   Each step's partial sums are [P, B, N_w / P] (P = column_blocks(N_w)): a leading dimension of P column blocks,
   so that XLA's CPU backend may split the step among its threads even at batch 1 (it splits a loop's outer
   dimension when the step's cost is large enough, which `chunk` rows of W make it). W [D, N] read as [D, P, N / P]
-  is the same memory, so each row is still one contiguous read."""
+  is the same memory, so each row is still one contiguous read. With P = 1 the sums are [B, N] (a unit axis in W's
+  shape lets XLA:CPU copy the whole W each call)."""
   b, k = values_bk.shape
   padded = -(-k // chunk) * chunk  # padding entries have value 0 (at row 0)
   v_cbj = jnp.pad(values_bk.astype(jnp.float32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
   i_cbj = jnp.pad(indices_bk.astype(jnp.int32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
-  ws_dpn = tuple(w.reshape(w.shape[0], column_blocks(w.shape[1]), -1) for w in ws_dn)
+  blocks = tuple(column_blocks(w.shape[1]) for w in ws_dn)
+  ws = tuple(w if p == 1 else w.reshape(w.shape[0], p, -1) for w, p in zip(ws_dn, blocks))  # [D, N] or [D, P, N/P]
 
   def body(acc, chunk_in):
     v_bj, i_bj = chunk_in
 
-    def axpys(w_dpn, scale):  # [P, B, N/P]: Σ_j v_j W[i_j] for each batch row, one fused loop
+    def axpys(w, scale):  # Σ_j v_j W[i_j] for each batch row, one fused loop: [B, N] or [P, B, N/P]
       def row(i):
-        w_pn = lax.dynamic_index_in_dim(w_dpn, i, keepdims=False).astype(jnp.float32)
-        return w_pn if scale is None else _ternary_rows(w_pn, scale)
-      return jnp.stack([sum(v_bj[r, j] * row(i_bj[r, j]) for j in range(chunk)) for r in range(b)], axis=1)
+        w_i = lax.dynamic_index_in_dim(w, i, keepdims=False).astype(jnp.float32)
+        return w_i if scale is None else _ternary_rows(w_i, scale)
+      rows = jnp.stack([sum(v_bj[r, j] * row(i_bj[r, j]) for j in range(chunk)) for r in range(b)])
+      return rows if w.ndim == 2 else rows.swapaxes(0, 1)
 
-    return tuple(a + axpys(w, scale) for a, w, scale in zip(acc, ws_dpn, scales)), None
+    return tuple(a + axpys(w, scale) for a, w, scale in zip(acc, ws, scales)), None
 
-  init = tuple(jnp.zeros((w.shape[1], b, w.shape[2]), jnp.float32) for w in ws_dpn)
+  init = tuple(jnp.zeros((b, w.shape[1]) if w.ndim == 2 else (w.shape[1], b, w.shape[2]), jnp.float32) for w in ws)
   ys, _ = lax.scan(body, init, (v_cbj, i_cbj))
-  return tuple(y_pbn.swapaxes(0, 1).reshape(b, -1) for y_pbn in ys)
+  return tuple(y if y.ndim == 2 else y.swapaxes(0, 1).reshape(b, -1) for y in ys)
 
 
 def _kernel_matvecs(values_bk, indices_bk, ws_dn, *, block_sizes, interpret):
