@@ -196,8 +196,9 @@ def _gen_settings(gen_kwargs: dict, default_max_gen_toks: int) -> tuple[list[str
 class QSparseLM(TemplateLM):
   """lm-evaluation-harness's view of a Q-Sparse model (a LoadedModel, or a checkpoint: a run directory or "hf:DIR").
 
-  From lm_eval's own command line: `lm_eval --model qsparse --model_args checkpoint=runs/tiny,sparsity=0.5`; keyword
-  arguments other than batch_size, max_gen_toks, step and seed set model.* fields (the Q-Sparse settings).
+  Registered as "qsparse" when this module is imported: `lm_eval.simple_evaluate(model="qsparse",
+  model_args="checkpoint=runs/tiny,sparsity=0.5", ...)`; keyword arguments other than batch_size, max_gen_toks, step
+  and seed set model.* fields (the Q-Sparse settings).
   batch_size: sequences per model call, rounded up to a multiple of the mesh's data x fsdp devices.
   """
 
