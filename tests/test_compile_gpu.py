@@ -90,3 +90,28 @@ def test_decode_step_compiles_for_two_hosts():
                        "mesh: data 1 x fsdp 16 x tensor 1",
                        "decode step: 16 rows x 1 token, KV cache of 1024 tokens (rows split over data x fsdp)"]
   assert lines[-1].startswith("hbm_fraction: ")
+
+
+def test_sparse_decode_step_moves_about_the_kept_fraction_of_the_dense_bytes():
+  """One layer of the 300M preset with a 1024-token vocabulary, 40% kept at every site, batch 1, on an H200: the
+  compiled sparse decode step moves 0.35-0.6 of its dense counterpart's bytes (hlo_traffic, from the programs).
+
+  The weights alone predict (0.4 P + H) / (P + H) = 0.45, with P = 4 x 1024² + 3 x 1024 x 2730 = 12.6M projection
+  and H = 1.05M LM head parameters, both read as float32 (the embedding reads one row). Below that: the dense program
+  writes a bfloat16 copy of some projections and reads it again (up to 8 bytes per parameter, not 4). Above it: the
+  sparse one reads its kept rows in chunks of 32 (padded), and selects them (top-K, a few row-sized passes per site).
+  Both read the 512-token cache (0.1% of the bytes)."""
+  layer = ["model.num_layers=1", "model.vocab_size=1024", "model.sparsity_qkv=0.6", "model.sparsity_out=0.6",
+           "model.sparsity_up=0.6", "model.sparsity_down=0.6"]
+  result = run("-m", "qsparse_jax.cli", "compile", "--decode", "--context", "512", "--config", PRESET, "--topology",
+               "h200x1", *layer)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[-1].startswith("hbm_fraction: ")
+  ratio = float(lines[-2].removeprefix("decode_bytes_sparse_vs_dense: "))
+  sparse, dense, weights = map(float, re.search(
+      r"bytes per step per GPU: sparse ([\d.]+) GiB, dense ([\d.]+) GiB \(weights ([\d.]+) GiB", result.stdout).groups())
+  assert 0.35 <= ratio <= 0.6 and ratio == pytest.approx(sparse / dense, abs=2e-3)
+  assert weights == pytest.approx(4 * count_params(apply_overrides(load_preset(PRESET), layer).model)["total"] / 2**30,
+                                  abs=1e-3)
+  assert dense >= 0.9 * weights  # the dense step reads every weight but the embedding table's (7% of them)

@@ -30,8 +30,10 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsparse_jax.config import Config
+from qsparse_jax.nn.cache_attention import BLOCK as CACHE_BLOCK
 from qsparse_jax.nn.model import Transformer, activated_params_per_token, count_params, init_cache
 from qsparse_jax.parallel import sharding
+from qsparse_jax.training import hlo_traffic
 from qsparse_jax.training.optimizer import make_optimizer
 from qsparse_jax.training.step import lm_loss, make_train_step, response_loss
 
@@ -368,6 +370,10 @@ class DecodeReport:
   output_bytes: int
   alias_bytes: int
   exhausted: str = ""  # a TPU compiler's RESOURCE_EXHAUSTED, shortened
+  sparse_bytes: int = 0  # what one decode step reads and writes per device (hlo_traffic), as compiled
+  dense_bytes: int = 0  # the same for the dense counterpart (every sparsity 0); 0 when it was not compiled
+  untripped: int = 0  # loops of data-dependent length counted once in sparse_bytes (top-K selection's bisection)
+  dense_compile_seconds: float = 0.0
 
   @property
   def peak_bytes(self) -> int:
@@ -399,12 +405,58 @@ class DecodeReport:
                   f"{gib(self.tpu.chip.hbm_bytes)}")
     if not self.fits:
       return out + [f"does not fit: {self.error}"]
-    return out + gpu_memory_note(self.tpu, self.hbm_fraction)
+    return out + self.traffic_lines() + gpu_memory_note(self.tpu, self.hbm_fraction) + self.ratio_line()
+
+  def traffic_lines(self) -> list[str]:
+    """The bytes a step moves per device, sparse and dense, and per token (a step decodes `batch` of them)."""
+    if not self.sparse_bytes:
+      return []
+    gib = lambda b: f"{b / GIB:.3f} GiB"  # noqa: E731
+    dense = gib(self.dense_bytes) if self.dense_bytes else "not compiled"
+    per_token = (f"sparse {gib(self.sparse_bytes / self.batch)}, dense "
+                 f"{gib(self.dense_bytes / self.batch) if self.dense_bytes else dense}")
+    loops = (f"; {self.untripped} loop{'s' if self.untripped > 1 else ''} of data-dependent length (top-K "
+             "selection's bisection) counted once" if self.untripped else "")
+    return [f"bytes per step per {self.tpu.unit}: sparse {gib(self.sparse_bytes)}, dense {dense} (weights "
+            f"{gib(self.weights_bytes)}, KV cache {gib(self.cache_bytes)}; the compiled programs' reads + writes, "
+            f"cache attention over all {self.context} tokens{loops})",
+            f"bytes per token: {per_token} (dense compiled in {self.dense_compile_seconds:.1f} s)"]
+
+  def ratio_line(self) -> list[str]:
+    return [f"decode_bytes_sparse_vs_dense: {self.sparse_bytes / self.dense_bytes:.3f}"] if self.dense_bytes else []
+
+
+def dense_counterpart(config: Config) -> Config:
+  """config with every sparsity site at 0: the dense model whose decode step a Q-Sparse one is compared with."""
+  return dataclasses.replace(config, model=config.model.with_sparsity(0.0))
+
+
+def cache_loop_trips(cache, context: int):
+  """hlo_traffic's trips_of for a decode step over a KV cache of `context` tokens: cache_attention walks the cache in
+  blocks of CACHE_BLOCK entries up to the furthest position, a loop of data-dependent length; its state holds the
+  cache as one device has it ([B, S, H, K], in some dtype), and it is counted context / CACHE_BLOCK times, as at the
+  last position of a full cache. Other loops without a known trip count: None (counted once)."""
+  shapes = {tuple(x.sharding.shard_shape(x.shape)[-4:]) for x in jax.tree.leaves(cache)}
+
+  def trips_of(instruction: hlo_traffic.Instruction) -> int | None:
+    for element in hlo_traffic.tuple_elements(instruction.shape):
+      dims = re.match(r"[a-z0-9]+\[([\d,]*)\]", element)
+      if dims and tuple(int(d) for d in filter(None, dims.group(1).split(","))) in shapes:
+        return context // CACHE_BLOCK
+    return None
+
+  return trips_of
+
+
+def decode_traffic(compiled, cache, context: int) -> hlo_traffic.Traffic:
+  """The bytes one compiled decode step (abstract_decode's) reads and writes per device (hlo_traffic.traffic)."""
+  return hlo_traffic.traffic(compiled.as_text(), cache_loop_trips(cache, context))
 
 
 def compile_decode(config: Config, accelerator_type: str, batch: int, context: int | None = None) -> DecodeReport:
   """Compile generate's decode step for the slice at `batch` rows and a KV cache of `context` tokens (default: the
-  model's whole context)."""
+  model's whole context), and, when it fits, its dense counterpart's (dense_counterpart): the bytes each step moves
+  (decode_traffic) are what a memory-bound decode step's speed follows."""
   tpu = parse_slice(accelerator_type)
   check_platform(tpu)
   if batch < 1:
@@ -414,8 +466,20 @@ def compile_decode(config: Config, accelerator_type: str, batch: int, context: i
   step, params, cache, tokens, positions = abstract_decode(config, mesh, batch, context)
   start = time.perf_counter()
   compiled, needed = compile_or_exhausted(step.lower(params, cache, tokens, positions))
+  seconds = time.perf_counter() - start
   memory = compiled.memory_analysis() if compiled is not None else None
   sizes = {f"{k}_bytes": getattr(memory, f"{k}_size_in_bytes", 0) for k in ("argument", "temp", "output", "alias")}
-  return DecodeReport(tpu=tpu, mesh_shape=dict(mesh.shape), batch=batch, context=context,
-                      rows_split=tokens.sharding.spec[0] is not None, compile_seconds=time.perf_counter() - start,
-                      weights_bytes=device_bytes(params), cache_bytes=device_bytes(cache), exhausted=needed, **sizes)
+  report = DecodeReport(tpu=tpu, mesh_shape=dict(mesh.shape), batch=batch, context=context,
+                        rows_split=tokens.sharding.spec[0] is not None, compile_seconds=seconds,
+                        weights_bytes=device_bytes(params), cache_bytes=device_bytes(cache), exhausted=needed, **sizes)
+  if compiled is None:
+    return report
+  sparse = decode_traffic(compiled, cache, context)
+  report = dataclasses.replace(report, sparse_bytes=sparse.bytes, untripped=sparse.untripped)
+  if dense_counterpart(config) == config:  # a dense model is its own counterpart
+    return dataclasses.replace(report, dense_bytes=sparse.bytes)
+  start = time.perf_counter()
+  step, params, cache, tokens, positions = abstract_decode(dense_counterpart(config), mesh, batch, context)
+  dense, _ = compile_or_exhausted(step.lower(params, cache, tokens, positions))
+  return dataclasses.replace(report, dense_compile_seconds=time.perf_counter() - start,
+                             dense_bytes=0 if dense is None else decode_traffic(dense, cache, context).bytes)
