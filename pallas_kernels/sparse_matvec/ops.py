@@ -26,9 +26,12 @@ from qsparse_jax.ops.sparsity import ternary_codes
 PALLAS_PLATFORMS = ("tpu",)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per core on v5p and v6e)
-# Kept entries per step of the CPU path's loop: enough rows of W (32 x N) that XLA shares each step among the
-# CPU's threads even at batch 1, few enough to stream; measured on TinyLlama-shaped decoding (docs/benchmarks.md).
+# Kept entries per step of the CPU path's loop at batch 1: enough rows of W (32 x N) that XLA shares each step among
+# the CPU's threads, few enough to stream (measured on TinyLlama-shaped decoding, docs/benchmarks.md). A step reads
+# chunk rows for each of the B rows of x, and its compile time grows with chunk x B, so larger batches take fewer
+# per row, down to MIN_CHUNK (default_chunk).
 CPU_CHUNK = 32
+MIN_CHUNK = 8
 
 
 def kernel_supported(values_shape: tuple[int, ...], w_shape: tuple[int, ...], w_dtype) -> bool:
@@ -104,6 +107,12 @@ def _check(values_bk, indices_bk, w_dn):
 def _ternary_rows(rows, scale):
   """Rows of W as ternarize(W) has them, from the whole tensor's absmean scale α + ε (method.md §4)."""
   return ternary_codes(rows, scale) * scale
+
+
+def default_chunk(batch: int) -> int:
+  """Kept entries per step of the CPU path for B rows: CPU_CHUNK / B, at least MIN_CHUNK (32 at batch 1, 16 at 2,
+  8 from 4 on). At batch 8, 32 per row decoded 1.2x faster than 8 but compiled 4x slower (docs/benchmarks.md)."""
+  return max(MIN_CHUNK, CPU_CHUNK // batch)
 
 
 def column_blocks(n_out: int) -> int:
@@ -183,12 +192,12 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   ternary_scales: None, or per W None or the absmean scale α + ε of a ternary W (absmean_ternary): that W counts
   as ternarize(W), and the CPU path ternarizes only the rows it reads (the kernels take the whole ternarized W).
 
-  chunk: kept entries per scan step of the CPU path (default CPU_CHUNK).
+  chunk: kept entries per scan step of the CPU path (default: default_chunk(B)).
   block_sizes: the kernel's tiles, one BlockSizes for every W or one per W (default: per chip, fitted to each W).
   """
   ws_dn = tuple(ws_dn)
   if chunk is None:
-    chunk = CPU_CHUNK
+    chunk = default_chunk(values_bk.shape[0])
   if not ws_dn:
     raise ValueError("expected at least one weight matrix")
   for w_dn in ws_dn:
