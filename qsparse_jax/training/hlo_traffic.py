@@ -96,19 +96,23 @@ def tuple_elements(shape: str) -> list[str]:
   return [part.strip() for part in split_top_level(shape[1:-1]) if part.strip()]
 
 
-def split_top_level(text: str) -> list[str]:
-  """text split at the commas outside (), {}, [] and quotes."""
-  parts, depth, start, quoted = [], 0, 0, False
-  for i, char in enumerate(text):
+def _unquoted(text: str, start: int = 0):
+  """(index, char, bracket depth after it) for each char of text from start outside quoted strings."""
+  depth, quoted = 0, False
+  for i in range(start, len(text)):
+    char = text[i]
     if char == '"' and (i == 0 or text[i - 1] != "\\"):
       quoted = not quoted
-    elif quoted:
-      continue
-    elif char in "({[":
-      depth += 1
-    elif char in ")}]":
-      depth -= 1
-    elif char == "," and depth == 0:
+    elif not quoted:
+      depth += (char in "({[") - (char in ")}]")
+      yield i, char, depth
+
+
+def split_top_level(text: str) -> list[str]:
+  """text split at the commas outside (), {}, [] and quotes."""
+  parts, start = [], 0
+  for i, char, depth in _unquoted(text):
+    if char == "," and depth == 0:
       parts.append(text[start:i])
       start = i + 1
   parts.append(text[start:])
@@ -117,19 +121,9 @@ def split_top_level(text: str) -> list[str]:
 
 def _closing(text: str, start: int) -> int:
   """The index of the bracket closing the one at text[start], skipping quoted strings."""
-  depth, quoted = 0, False
-  for i in range(start, len(text)):
-    char = text[i]
-    if char == '"' and text[i - 1] != "\\":
-      quoted = not quoted
-    elif quoted:
-      continue
-    elif char in "({[":
-      depth += 1
-    elif char in ")}]":
-      depth -= 1
-      if depth == 0:
-        return i
+  for i, char, depth in _unquoted(text, start):
+    if char in ")}]" and depth == 0:
+      return i
   raise ValueError(f"unbalanced brackets in HLO text: {text[start:start + 200]!r}")
 
 
