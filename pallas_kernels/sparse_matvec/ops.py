@@ -26,11 +26,11 @@ from qsparse_jax.ops.sparsity import ternary_codes
 PALLAS_PLATFORMS = ("tpu",)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per core on v5p and v6e)
-# Kept entries per step of the CPU path's loop at batch 1: enough rows of W (32 x N) that XLA shares each step among
-# the CPU's threads, few enough to stream (measured on TinyLlama-shaped decoding, docs/benchmarks.md). A step reads
-# chunk rows for each of the B rows of x, and its compile time grows with chunk x B, so larger batches take fewer
-# per row, down to MIN_CHUNK (default_chunk).
-CPU_CHUNK = 32
+# Kept entries per step of the CPU path's loop at batch 1. A step reads chunk rows for each of the B rows of x, and
+# its code and compile time grow with chunk x B, so larger batches take fewer per row, down to MIN_CHUNK
+# (default_chunk). 32 rows at batch 1 let XLA share a step among the CPU's threads (2.2x dense on one projection vs
+# 1.9x), but inside the decode loop it gained nothing over 16 and compiled twice the code (docs/benchmarks.md).
+CPU_CHUNK = 16
 MIN_CHUNK = 8
 
 
@@ -110,8 +110,8 @@ def _ternary_rows(rows, scale):
 
 
 def default_chunk(batch: int) -> int:
-  """Kept entries per step of the CPU path for B rows: CPU_CHUNK / B, at least MIN_CHUNK (32 at batch 1, 16 at 2,
-  8 from 4 on). At batch 8, 32 per row decoded 1.2x faster than 8 but compiled 4x slower (docs/benchmarks.md)."""
+  """Kept entries per step of the CPU path for B rows: CPU_CHUNK / B, at least MIN_CHUNK (16 at batch 1, 8 from 2
+  on). At batch 8, 32 per row decoded 1.2x faster than 8 but compiled 4x the code (docs/benchmarks.md)."""
   return max(MIN_CHUNK, CPU_CHUNK // batch)
 
 
