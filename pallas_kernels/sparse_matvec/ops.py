@@ -26,10 +26,10 @@ from qsparse_jax.ops.sparsity import ternary_codes
 PALLAS_PLATFORMS = ("tpu",)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per core on v5p and v6e)
-# Kept entries per step of the CPU path's loop at batch 1. A step reads chunk rows for each of the B rows of x, and
-# its code and compile time grow with chunk x B, so larger batches take fewer per row, down to MIN_CHUNK
-# (default_chunk). 32 rows at batch 1 let XLA share a step among the CPU's threads (2.2x dense on one projection vs
-# 1.9x), but inside the decode loop it gained nothing over 16 and compiled twice the code (docs/benchmarks.md).
+# Row reads per step of the CPU path's loop, over the B rows of x and every W it streams: a step's code and compile
+# time grow with them. 16 (8 kept entries each for two or three W) streamed as fast inside the decode loop as 32,
+# which at batch 1 lets XLA share a step among the CPU's threads (2.2x dense on one projection vs 1.9x) but
+# compiled twice the code (docs/benchmarks.md). Each row takes at least MIN_CHUNK entries per step (default_chunk).
 CPU_CHUNK = 16
 MIN_CHUNK = 8
 
@@ -109,10 +109,10 @@ def _ternary_rows(rows, scale):
   return ternary_codes(rows, scale) * scale
 
 
-def default_chunk(batch: int) -> int:
-  """Kept entries per step of the CPU path for B rows: CPU_CHUNK / B, at least MIN_CHUNK (16 at batch 1, 8 from 2
-  on). At batch 8, 32 per row decoded 1.2x faster than 8 but compiled 4x the code (docs/benchmarks.md)."""
-  return max(MIN_CHUNK, CPU_CHUNK // batch)
+def default_chunk(batch: int, num_ws: int) -> int:
+  """Kept entries per step of the CPU path for B rows of x and num_ws W: CPU_CHUNK / (B num_ws), at least MIN_CHUNK
+  (16 for one W at batch 1, else 8). At batch 8, 32 per row decoded 1.2x faster than 8 but compiled 4x the code."""
+  return max(MIN_CHUNK, CPU_CHUNK // (batch * num_ws))
 
 
 def column_blocks(n_out: int) -> int:
@@ -192,12 +192,12 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   ternary_scales: None, or per W None or the absmean scale α + ε of a ternary W (absmean_ternary): that W counts
   as ternarize(W), and the CPU path ternarizes only the rows it reads (the kernels take the whole ternarized W).
 
-  chunk: kept entries per scan step of the CPU path (default: default_chunk(B)).
+  chunk: kept entries per scan step of the CPU path (default: default_chunk(B, len(ws_dn))).
   block_sizes: the kernel's tiles, one BlockSizes for every W or one per W (default: per chip, fitted to each W).
   """
   ws_dn = tuple(ws_dn)
   if chunk is None:
-    chunk = default_chunk(values_bk.shape[0])
+    chunk = default_chunk(values_bk.shape[0], len(ws_dn))
   if not ws_dn:
     raise ValueError("expected at least one weight matrix")
   for w_dn in ws_dn:

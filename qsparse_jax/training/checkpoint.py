@@ -57,6 +57,14 @@ class Restored:
   data_note: str | None = None
 
 
+def _save_reason(err: BaseException) -> str:
+  """What failed in an Orbax / TensorStore save error, short: the last ": " part of its first line, without the
+  payloads TensorStore may attach (a [tensorstore_spec='{...}'] of the whole array spec) other than the OS error code."""
+  last = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+  last = re.sub(r"\s*\[(?!os_error_code)\w+='(?:[^'\\]|\\.)*'\]", "", last)
+  return last.rsplit(": ", 1)[-1]
+
+
 def _reason(err: BaseException) -> str:
   """One line saying what failed in an Orbax / TensorStore restore error: the array and file when it names them."""
   chain, seen = [], err
@@ -268,7 +276,7 @@ class Checkpointer:
       with _stderr_kept_on_success():
         self._manager.wait_until_finished()
     except Exception as err:  # Orbax/TensorStore report write failures as assorted exception types
-      reason = str(err).strip().splitlines()[0].rsplit(": ", 1)[-1]
+      reason = _save_reason(err)
       steps = self.all_steps()
       kept = f"the checkpoint of step {max(steps)} is intact" if steps else "no earlier checkpoint exists"
       raise CheckpointSaveError(f"saving a checkpoint under {self.directory} failed ({reason}); {kept}") from None
