@@ -278,7 +278,7 @@ def _compile(args) -> int:
   if not report.fits:
     what = f"its decode step at batch {args.batch}" if args.decode else args.config
     todo = "try a smaller --batch or --context, or a larger slice" if args.decode else aot.advice(config)
-    print(f"qsparse compile: error: {what} does not fit {args.topology} ({report.error}); {todo}", file=sys.stderr)
+    _say(f"qsparse compile: error: {what} does not fit {args.topology} ({report.error}); {todo}")
     return 1
   print(f"hbm_fraction: {report.hbm_fraction:.3f}")
   return 0
@@ -393,23 +393,30 @@ def _run(args) -> int:
           "compile": _compile, "scaling": _scaling}[args.command](args)
 
 
+def _say(line: str) -> None:
+  """One line to stderr in one write: print's separate newline lets another thread's output (a failed save's
+  TensorStore teardown) land in the middle of it."""
+  sys.stderr.write(line + "\n")
+  sys.stderr.flush()
+
+
 def _run_reporting_errors(args) -> int:
   """_run, with every failure the library can name printed as one line (exit 2 for bad input, 1 for a failed
   save) instead of a traceback."""
   try:
     return _run(args)
   except (ValueError, FileNotFoundError, FileExistsError) as err:
-    print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
+    _say(f"qsparse {args.command}: error: {err}")
     return 2
   except OSError as err:  # a full disk during a save (CheckpointSaveError says which checkpoint is intact)
-    print(f"qsparse {args.command}: error: {err}", file=sys.stderr)
+    _say(f"qsparse {args.command}: error: {err}")
     # The failed save's abandoned asyncio tasks would log tracebacks while the interpreter shuts down; everything
     # of ours is closed, so leave without that teardown.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
   except KeyboardInterrupt:
-    print(f"qsparse {args.command}: interrupted; the last checkpoint is kept", file=sys.stderr)
+    _say(f"qsparse {args.command}: interrupted; the last checkpoint is kept")
     return 130
 
 

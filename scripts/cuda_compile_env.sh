@@ -7,7 +7,8 @@
 #   bash scripts/cuda_compile_env.sh                   # makes (or updates) .venv-cuda
 #   .venv-cuda/bin/qsparse compile --config configs/paper_1p3b.py --topology h200x8
 # VENV names another directory; PYTHON the interpreter to make it with (default python3, 3.11 or newer); JAX the jax
-# version (default: the one the project's .venv has, else the newest jax[cuda12]).
+# version (default: the one the project's .venv has, else the newest jax[cuda12]). PLUGIN_ONLY=1 stops after jax's
+# CUDA plugin (CI installs it beside .venv, then runs this again for the project once .venv is done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv-cuda}"
@@ -18,6 +19,7 @@ fi
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet "jax[cuda12]${JAX:+==$JAX}"
+[[ -n "${PLUGIN_ONLY:-}" ]] && exit 0
 "$VENV/bin/pip" install --quiet -e .
 JAX_PLATFORMS=cpu "$VENV/bin/python" -c "import jax_cuda12_plugin, jax; print('cuda compile environment:', '$VENV', \
 'jax', jax.__version__)"
