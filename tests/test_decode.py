@@ -235,7 +235,7 @@ def test_unpacked_ternary_decode_reads_only_kept_rows_with_scales_computed_once(
     args = (params, jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), 3, jnp.int32), init_cache(cfg, 1, 16))
     return step.lower(*args).compile().cost_analysis()["bytes accessed"]
 
-  cached_graphdef, cached_params = decode.with_ternary_scales(graphdef, params)
+  cached_graphdef, cached_params = decode.with_ternary_scales(graphdef, params, cfg)
   kernels = [m.kernel for _, m in nnx.iter_modules(nnx.merge(cached_graphdef, cached_params))
              if isinstance(m, linear.SparseLinear) and getattr(m, "ternary_scale", None) is not None]
   assert len(kernels) == 7 * cfg.num_layers

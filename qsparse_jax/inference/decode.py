@@ -123,9 +123,12 @@ def _decode_chunk(graphdef, params, cache, tokens_b, positions_b, done_b, stop_i
   return out_cb, cache, done_b
 
 
-def with_ternary_scales(graphdef, params):
+def with_ternary_scales(graphdef, params, cfg: ModelConfig):
   """(graphdef, params) of the model with the absmean scale of each unpacked ternary layer stored beside its kernel
-  (linear.cache_ternary_scales): computed once per generate call, so each token ternarizes only its kept rows."""
+  (linear.cache_ternary_scales): computed once per generate call, so each token ternarizes only its kept rows.
+  A model without ternary weights is returned as it is, unmerged."""
+  if not cfg.ternary_weights:
+    return graphdef, params
   model = nnx.merge(graphdef, params)
   return nnx.split(model) if cache_ternary_scales(model) else (graphdef, params)
 
@@ -170,7 +173,7 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
   reuse one compiled prefill and one compiled decode loop.
   """
   check_request(cfg, prompts, sampling, decode_text=decode_text)
-  graphdef, params = with_ternary_scales(graphdef, params)
+  graphdef, params = with_ternary_scales(graphdef, params, cfg)
   longest = max(map(len, prompts))
   b = len(prompts)
   cache_len = bucket(longest + sampling.max_new_tokens, cfg.max_seq_len)
