@@ -33,8 +33,9 @@ def pytest_sessionfinish(session):
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
-# The longest files first (seconds on 2 cores, measured): pytest-xdist's loadfile hands files out in collection order,
-# so these start at once on the two workers while the short files fill in around them.
+# The longest files first (measured): with --no-loadscope-reorder (pyproject's addopts) pytest-xdist's loadfile hands
+# files out in collection order, so these start at once on the two workers while the short files fill in around
+# them (its default order, most tests first, left test_presets_fit.py's 11 minutes for the end).
 LONGEST_FIRST = ["test_presets_fit.py", "test_tpu_compile.py", "test_decode.py", "test_step.py", "test_faults.py",
                  "test_lm_eval.py"]
 
