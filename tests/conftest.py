@@ -18,18 +18,21 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-_run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-CACHE_DIR = pathlib.Path(tempfile.gettempdir()) / f"qsparse-jax-tests-xla-cache-{_run}"
-_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": str(CACHE_DIR), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-os.environ.update(_CACHE_ENV)  # inherited by subprocesses
+# Made by the process that loads this first (pytest's controller), named to the xdist workers it starts and to every
+# subprocess through the environment, and removed by it at the end.
+_OWNER = "QSPARSE_TESTS_XLA_CACHE" not in os.environ
+if _OWNER:
+  os.environ["QSPARSE_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="qsparse-jax-tests-xla-cache-")
+CACHE_DIR = pathlib.Path(os.environ["QSPARSE_TESTS_XLA_CACHE"])
+os.environ.update({"JAX_COMPILATION_CACHE_DIR": str(CACHE_DIR), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"})
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def pytest_sessionfinish(session):
-  if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist), after every worker
+  if _OWNER:  # the controller (or a run without xdist), after every worker
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
