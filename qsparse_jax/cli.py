@@ -222,9 +222,9 @@ def _lm_eval(args) -> int:
     scores = harness.evaluate(lm, specs, task_manager=manager, limit=limit)
     dense = harness.evaluate(lm.dense(), specs, task_manager=manager, limit=limit) if args.compare_dense else None
   except ConnectionError as err:  # a Hub dataset while offline: `datasets` names it
-    print(f"qsparse lm-eval: error: a task's dataset cannot be downloaded: {err}; the harness's own tasks fetch "
-          "their data from the Hugging Face Hub once (then ~/.cache/huggingface); offline, evaluate local tasks "
-          "(--include-path DIR)", file=sys.stderr)
+    _say(f"qsparse lm-eval: error: a task's dataset cannot be downloaded: {err}; the harness's own tasks fetch "
+         "their data from the Hugging Face Hub once (then ~/.cache/huggingface); offline, evaluate local tasks "
+         "(--include-path DIR)")
     return 1
   cfg = model.config.model
   sites = ", ".join(f"{name} {cfg.site_keep_counts()[name][1]}/{cfg.site_keep_counts()[name][0]}"
@@ -290,7 +290,7 @@ def _show_warning(command: str):
 
   def show(message, category, filename, lineno, file=None, line=None):
     if category.__module__.startswith("qsparse_jax"):
-      print(f"qsparse {command}: warning: {message}", file=sys.stderr, flush=True)
+      _say(f"qsparse {command}: warning: {message}")
     else:
       default(message, category, filename, lineno, file, line)
 
@@ -413,7 +413,6 @@ def _run_reporting_errors(args) -> int:
     # The failed save's abandoned asyncio tasks would log tracebacks while the interpreter shuts down; everything
     # of ours is closed, so leave without that teardown.
     sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(1)
   except KeyboardInterrupt:
     _say(f"qsparse {args.command}: interrupted; the last checkpoint is kept")
