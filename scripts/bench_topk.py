@@ -4,10 +4,12 @@ Times, in one process on the default backend, float32:
   selection  `qsparse_jax.topk_mask(x, k)` for x: [T, D], k = round(0.7 D)  (the paper's "top-K 70%")
   reference  `jax.lax.top_k(|x|, k)`
   matmul     x @ W for W: [D, D]
-After three warm-up runs of each, rounds time one matmul and one selection, each after a short pause (so that
-neither pays for the other's worker threads still spinning); the figure is the median over rounds of
-selection / matmul, which keeps the drift of a shared machine out of the ratio. The last line is
-`topk_vs_matmul: <median ratio>`.
+After three warm-up runs of each, rounds time one matmul and one selection back to back, as a layer runs them (the
+order alternating between rounds); the figure is the median over rounds of selection / matmul, which keeps the
+drift of a shared machine out of the ratio. No pause between the calls: on the shared 2-core machines this was
+measured on, a pause of 0.2 s before a call added 30-50 ms to the selection (its input and buffers are no longer in
+cache, and it reads them block by block on one core), which is what waking an idle process costs, not what
+selecting costs inside a model. The last line is `topk_vs_matmul: <median ratio>`.
 
     python scripts/bench_topk.py [--tokens 4096] [--dim 4096] [--repeats 7]
 """
@@ -54,11 +56,14 @@ def main():
     for _ in range(3):
       jax.block_until_ready(fn(*fn_args))
   rounds = []
-  for _ in range(args.repeats):
-    time.sleep(0.2)
-    t_m = seconds(matmul, x_td, w_dd)
-    time.sleep(0.2)
-    rounds.append((t_m, seconds(select, x_td)))
+  for i in range(args.repeats):
+    if i % 2:
+      t_s = seconds(select, x_td)
+      t_m = seconds(matmul, x_td, w_dd)
+    else:
+      t_m = seconds(matmul, x_td, w_dd)
+      t_s = seconds(select, x_td)
+    rounds.append((t_m, t_s))
   t_matmul, t_select = (float(np.median(col)) for col in zip(*rounds))
   ratio = float(np.median([t_s / t_m for t_m, t_s in rounds]))
   t_ref = median_seconds(reference, x_td, repeats=3)
