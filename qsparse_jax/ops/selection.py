@@ -157,7 +157,7 @@ def _counts_ge(values_rnc: jax.Array, t_rm: jax.Array) -> jax.Array:
 
   values - t cannot overflow for values >= -1 and t >= 0, and its sign bit is 1 exactly where values < t.
   """
-  num_rows, num_chunks, chunk = values_rnc.shape
+  _, num_chunks, chunk = values_rnc.shape
   below_rnc = jnp.zeros_like(values_rnc)
   for j in range(t_rm.shape[1]):
     sign_rnc = lax.shift_right_logical(values_rnc - t_rm[:, j, None, None], jnp.int32(31))
