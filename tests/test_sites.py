@@ -56,10 +56,11 @@ def numpy_int8_ternary(x, w, bias, keep: int):
 INT8_SITE = SparsityConfig(sparsity=0.5, act_bits=8)
 
 
-def attention_and_ffn(site, kernels, d=64, heads=4, kv_heads=2, d_ff=96):
+def attention_and_ffn(site, kernels, d=64, heads=4, kv_heads=2, d_ff=96, ternary_weights=None):
+  ternary_weights = site.act_bits is not None if ternary_weights is None else ternary_weights
   attn = Attention(d, heads, num_kv_heads=kv_heads, qkv_site=site, out_site=site, qkv_bias=True,
-                   ternary_weights=site.act_bits is not None, kernels=kernels, rngs=nnx.Rngs(0))
-  ffn = GLUFeedForward(d, d_ff, in_site=site, down_site=site, ternary_weights=site.act_bits is not None,
+                   ternary_weights=ternary_weights, kernels=kernels, rngs=nnx.Rngs(0))
+  ffn = GLUFeedForward(d, d_ff, in_site=site, down_site=site, ternary_weights=ternary_weights,
                        kernels=kernels, rngs=nnx.Rngs(1))
   for layer in (attn.q_proj, attn.k_proj, attn.v_proj):  # biases that are not zero (Qwen2's q/k/v)
     layer.bias[...] = jax.random.normal(jax.random.key(9), layer.bias.shape) * 0.1
@@ -93,6 +94,33 @@ def test_packed_qkv_and_gate_up_multiply_int8_codes_by_ternary_codes():
   assert count_eqns(lambda x_: ffn(x_), x, predicate=int8_dot) == 3
   np.testing.assert_allclose(np.asarray(attn(x)), np.asarray(fake_attn), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(ffn(x)), np.asarray(fake_ffn), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("site", [INT8_SITE, SparsityConfig(sparsity=0.5)], ids=["int8", "float"])
+def test_packed_decode_on_the_cpu_reads_only_the_codes_of_kept_rows(site):
+  """A packed site's decode step on the CPU multiplies its kept entries by the 2-bit codes of their rows only
+  (linear.project_kept_packed: sparse_matvecs over the uint8 W), not every code (ternary_matmul). With int8
+  activations y is ternary_matmul's bit for bit (sums of integers below 2**24 are exact in float32); with float
+  activations the float32 sums differ from the dense dot's only in order."""
+  attn, ffn = attention_and_ffn(site, "auto", ternary_weights=True)
+  pack_ternary_layers(attn), pack_ternary_layers(ffn)
+  x_bd = jax.random.normal(jax.random.key(3), (3, 64))
+  for layers in ((attn.q_proj, attn.k_proj, attn.v_proj), (ffn.gate_proj, ffn.up_proj), (ffn.down_proj,)):
+    x = x_bd if layers[0].in_features == 64 else jax.random.normal(jax.random.key(4), (3, layers[0].in_features))
+    step = jax.jit(lambda x_, layers=layers: decode_site(x_, *layers))
+    # every code through ternary_matmul (or the float dot of unpacked codes), jitted as the step is (the bias add
+    # fuses the same way in both)
+    everything = jax.jit(lambda x_, layers=layers: project(x_, *layers))(x)
+    for y, want in zip(step(x), everything):
+      if site.act_bits is not None:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+      else:  # float32 sums of 32 kept O(1) products in another order
+        np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+    hlo = step.lower(x).compile().as_text()
+    # The row loop, and no dot but the running count's einsums (kept_indices, op names "bni,ij->bnj", ...): no int8
+    # dot of all codes, no float dot of unpacked ones.
+    assert " while(" in hlo
+    assert not [line for line in hlo.splitlines() if " dot(" in line and "->" not in line]
 
 
 def pallas_calls(eqn) -> bool:

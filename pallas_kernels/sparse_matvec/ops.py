@@ -6,7 +6,10 @@ backend="pallas", or "auto" once pallas_kernels/gpu_verified.py records it for t
 inputs); elsewhere plain JAX. On the CPU the XLA path is a fast path of its
 own: a scan over chunks of `chunk` kept activations whose body is one
 fused loop, y += Σ_j v_j · W[i_j, :], so each selected row streams through the cache once with no gathered copy
-(`jnp.take` of the rows and then a dot writes and re-reads them, and is slower than the dense matvec).
+(`jnp.take` of the rows and then a dot writes and re-reads them, and is slower than the dense matvec). That path
+also reads packed ternary weights (uint8 [D/4, N], pallas_kernels.ternary_matmul.pack_ternary), decoding the 2-bit
+codes of the rows it reads: the decode step of a packed 1.58-bit model reads a sixteenth of the float32 bytes of
+its kept rows.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from jax import lax
 from pallas_kernels import dispatch
 from pallas_kernels.sparse_matvec.kernel import BlockSizes, padded_k, sparse_matvec_pallas
 from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, sparse_matvec_gpu
+from pallas_kernels.ternary_matmul.kernel import unpack_plane
 from qsparse_jax.ops.selection import mask_from_thresholds, row_thresholds
 from qsparse_jax.ops.sparsity import ternary_codes
 
@@ -104,6 +108,23 @@ def _check(values_bk, indices_bk, w_dn):
     raise ValueError(f"W must be [D, N], got shape {w_dn.shape}")
 
 
+def input_size(w: jax.Array) -> int:
+  """D of a weight matrix as sparse_matvecs reads it: its rows, or 4 per byte row of packed ternary codes (uint8)."""
+  return 4 * w.shape[0] if is_packed(w) else w.shape[0]
+
+
+def is_packed(w: jax.Array) -> bool:
+  """Whether W is packed ternary codes (uint8 [D/4, N], pack_ternary's layout) rather than weights."""
+  return jnp.dtype(w.dtype) == jnp.dtype(jnp.uint8)
+
+
+def _packed_row(packed, i):
+  """Row i of the ternary codes packed in uint8 [Q, ...] as float32 {-1, 0, 1}: bit pair i // Q of byte row i % Q
+  (pack_ternary: weight row p Q + q sits in bits 2p of byte row q)."""
+  q = packed.shape[0]
+  return unpack_plane(lax.dynamic_index_in_dim(packed, i % q, keepdims=False), i // q).astype(jnp.float32)
+
+
 def _ternary_rows(rows, scale):
   """Rows of W as ternarize(W) has them, from the whole tensor's absmean scale α + ε (method.md §4)."""
   return ternary_codes(rows, scale) * scale
@@ -144,6 +165,8 @@ def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, c
 
     def axpys(w, scale):  # Σ_j v_j W[i_j] for each batch row, one fused loop: [B, N] or [P, B, N/P]
       def row(i):
+        if is_packed(w):
+          return _packed_row(w, i)
         w_i = lax.dynamic_index_in_dim(w, i, keepdims=False).astype(jnp.float32)
         return w_i if scale is None else _ternary_rows(w_i, scale)
       rows = jnp.stack([sum(v_bj[r, j] * row(i_bj[r, j]) for j in range(chunk)) for r in range(b)])
@@ -191,6 +214,7 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
 
   ternary_scales: None, or per W None or the absmean scale α + ε of a ternary W (absmean_ternary): that W counts
   as ternarize(W), and the CPU path ternarizes only the rows it reads (the kernels take the whole ternarized W).
+  A uint8 W is packed ternary codes [D/4, N] (pack_ternary): y is Σ_j v_j codes[i_j] unscaled, on the XLA path only.
 
   chunk: kept entries per scan step of the CPU path (default: default_chunk(B, len(ws_dn))).
   block_sizes: the kernel's tiles, one BlockSizes for every W or one per W (default: per chip, fitted to each W).
@@ -202,8 +226,10 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
     raise ValueError("expected at least one weight matrix")
   for w_dn in ws_dn:
     _check(values_bk, indices_bk, w_dn)
-  if len({w.shape[0] for w in ws_dn}) != 1:
+  if len({input_size(w) for w in ws_dn}) != 1:
     raise ValueError(f"every W must have the same input size D, got shapes {[w.shape for w in ws_dn]}")
+  if backend == "pallas" and any(is_packed(w) for w in ws_dn):
+    raise ValueError("packed ternary W (uint8) is read by the XLA path only: use backend 'xla' or 'auto'")
   out_dtypes = [jnp.promote_types(values_bk.dtype, w.dtype) for w in ws_dn]
   dispatch.check(backend)
   scales = tuple(ternary_scales) if ternary_scales is not None else (None,) * len(ws_dn)

@@ -289,9 +289,41 @@ def project(inputs: jax.Array, *layers: SparseLinear) -> tuple[jax.Array, ...]:
 
 def decode_site(x_bd: jax.Array, *layers: SparseLinear) -> tuple[jax.Array, ...]:
   """`project` for one token per row [B, D]: the kept entries of the site feed one sparse_matvecs pass over every
-  layer's W (project_kept) where the site has them; packed layers multiply all their 2-bit codes (ternary_matmul)."""
-  kept = None if any(layer.is_packed for layer in layers) else keep_entries(x_bd, layers[0].site)
+  layer's W (project_kept) where the site has them. Packed ternary layers do the same on the CPU, reading the 2-bit
+  codes of the kept rows only (project_kept_packed); on a TPU or GPU they multiply all their codes (ternary_matmul's
+  kernel, which reads the packed W as one stream)."""
+  site = layers[0].site
+  d = x_bd.shape[-1]
+  if any(layer.is_packed for layer in layers):
+    if all(layer.is_packed for layer in layers) and 0 < keep_count(d, site.sparsity) < d and site.block is None:
+      return jax.lax.platform_dependent(x_bd, cpu=lambda x: project_kept_packed(x, *layers),
+                                        default=lambda x: project(x, *layers))
+    return project(x_bd, *layers)
+  kept = keep_entries(x_bd, site)
   return project(x_bd, *layers) if kept is None else project_kept(kept, *layers)
+
+
+def project_kept_packed(x_bd: jax.Array, *layers: SparseLinear) -> tuple[jax.Array, ...]:
+  """y [B, out_l] of packed ternary layers that share a top-K site, from its K kept entries per row: the kept int8
+  codes (absmax_quantize of x, method.md §4; act_bits) or kept values (float activations) times the 2-bit codes of
+  the kept rows of every packed W_l (sparse_matvecs), scaled as SparseLinear._packed_call scales. With act_bits the
+  sums are of integers below 2**24, exact in float32, so y equals ternary_matmul's bit for bit."""
+  site = layers[0].site
+  values, indices = smv_ops.topk_values_indices(x_bd, keep_count(x_bd.shape[-1], site.sparsity))
+  act_scale = None
+  if site.act_bits is not None:
+    codes, scale = absmax_quantize(x_bd, site.act_bits)
+    values, act_scale = jnp.take_along_axis(codes, indices, axis=-1), scale
+  sums = smv_ops.sparse_matvecs(values.astype(jnp.float32), indices, tuple(l.packed_kernel[...] for l in layers),
+                                backend="xla")
+  ys = []
+  for acc, layer in zip(sums, layers):
+    alpha = layer.kernel_scale[...]
+    y = acc * (alpha / act_scale) if act_scale is not None else acc * alpha
+    if layer.bias is not None:
+      y = y + layer.bias[...].astype(jnp.float32)
+    ys.append(y.astype(layer.dtype or x_bd.dtype))
+  return tuple(ys)
 
 
 def project_kept(kept: Kept, *layers: SparseLinear) -> tuple[jax.Array, ...]:
