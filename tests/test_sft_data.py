@@ -224,7 +224,9 @@ def test_fine_tuning_through_the_loop(jsonl_dir, tmp_path, capsys):
   prompt = "<|im_start|>user\nsort alpha<|im_end|>\n<|im_start|>assistant\n"
   want = decode.generate(loaded.graphdef, loaded.params, loaded.config.model, [list(prompt.encode())],
                          decode.SamplingConfig(max_new_tokens=5, stop=("<|im_end|>",)), decode_text=ByteTokenizer().decode)
-  assert capsys.readouterr().out == prompt + ByteTokenizer().decode(want.tokens[0]) + "\n"
+  text = ByteTokenizer().decode(want.tokens[0])
+  # The CLI ends its output with one newline: the text's own, if it ends with one.
+  assert capsys.readouterr().out == prompt + text + ("" if text.endswith("\n") else "\n")
   with pytest.raises(ValueError, match=r"the validation split \(\d+ conversations\) fills less than one batch of "
                                        r"64 rows of 128 tokens"):
     train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=64, out_dir=str(tmp_path / "b"))),
