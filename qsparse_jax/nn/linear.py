@@ -249,9 +249,13 @@ class SparseLinear(nnx.Linear):
       y = tm_ops.ternary_matmul(site_input.codes, site_input.scale, packed, alpha, backend=self.kernels)
     else:  # float activations: unpack the codes (exact in float32) and scale once
       y = jnp.dot(site_input.sparse.astype(jnp.float32), tm_ops.unpack_ternary(packed).astype(jnp.float32)) * alpha
+    return self._packed_output(y, site_input.dense.dtype)
+
+  def _packed_output(self, y: jax.Array, input_dtype) -> jax.Array:
+    """A packed layer's float32 product y [..., out] plus its bias, in its compute dtype (else the input's)."""
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype or site_input.dense.dtype)
+    return y.astype(self.dtype or input_dtype)
 
   def project_kept(self, kept: Kept) -> jax.Array:
     """y [B, out] = (x ⊙ M) W + b from the kept entries of x, reading only their rows of W (sparse_matvec)."""
@@ -327,10 +331,7 @@ def project_kept_packed(x_bd: jax.Array, *layers: SparseLinear) -> tuple[jax.Arr
   ys = []
   for acc, layer in zip(sums, layers):
     alpha = layer.kernel_scale[...]
-    y = acc * (alpha / act_scale) if act_scale is not None else acc * alpha
-    if layer.bias is not None:
-      y = y + layer.bias[...].astype(jnp.float32)
-    ys.append(y.astype(layer.dtype or x_bd.dtype))
+    ys.append(layer._packed_output(acc * (alpha / act_scale) if act_scale is not None else acc * alpha, x_bd.dtype))
   return tuple(ys)
 
 
