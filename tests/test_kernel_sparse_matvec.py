@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 from pallas_kernels import dispatch, gpu_verified
 from pallas_kernels.sparse_matvec import BlockSizes, sparse_matvec, sparse_matvecs, topk_values_indices
 from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, interpret_params, races_found, sparse_matvec_gpu
+from pallas_kernels.sparse_matvec import ops as smv_ops
 from pallas_kernels.sparse_matvec.ops import gpu_block_sizes, kept_indices
 from pallas_kernels.sparse_matvec.reference import sparse_matvec_reference
 
-# Accumulation is float32 in every path; the sum order differs (chunks, column blocks), so float32 results agree to
+# Accumulation is float32 in every path; the sum order differs (steps, groups of rows), so float32 results agree to
 # a few ulps of the row norms. bfloat16 inputs are exact in float32, the only rounding is the final cast to
 # bfloat16 (8 bits of mantissa: 2^-8 relative).
 TOLERANCE = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=1e-2, atol=1e-2)}
@@ -100,8 +101,8 @@ def test_sparse_matvecs_equal_one_matvec_per_weight(backend):
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_ternary_scales_ternarize_the_rows_read(backend):
-  """A W with a scale counts as ternarize(W): RoundClip(W / s, -1, 1) · s (method.md §4), written here in NumPy. N of
-  130 and 129 give the CPU path 2 and 1 column blocks; the pallas backend ternarizes the whole W for the kernel."""
+  """A W with a scale counts as ternarize(W): RoundClip(W / s, -1, 1) · s (method.md §4), written here in NumPy; the
+  pallas backend ternarizes the whole W for the kernel."""
   values, indices, w = random_problem(5, 2, 256, 130, 40, jnp.float32)
   ws = (w, w[:, :129] * 3)
   scales = [float(np.mean(np.abs(np.asarray(x, np.float64)))) + 1e-5 for x in ws]
@@ -112,6 +113,37 @@ def test_ternary_scales_ternarize_the_rows_read(backend):
   np.testing.assert_allclose(np.asarray(ys[1]), np_sparse_matvec(values, indices, ws[1]), **TOLERANCE[jnp.float32])
   with pytest.raises(ValueError, match="one entry per W"):
     sparse_matvecs(values, indices, ws, ternary_scales=(None,))
+
+
+@pytest.mark.parametrize("b, plan", [(1, (8, 10)), (3, (2, 7)), (2, (4, 1)), (11, (1, 5))])
+def test_every_step_plan_of_the_cpu_path_sums_the_same(b, plan):
+  """The CPU loop's steps of `groups` x `group` entries per row (cpu_loop_plan), with K not a multiple of a step
+  (zero padding) and more rows of x than one step takes (blocks of MAX_PARTS), against NumPy."""
+  values, indices, w = random_problem(b, b, 300, 136, 123, jnp.float32)
+  ws = (w, w[:, :40] * 2)
+  ys = sparse_matvecs(values, indices, ws, backend="xla", plan=plan)
+  for y, w_dn in zip(ys, ws):
+    np.testing.assert_allclose(np.asarray(y), np_sparse_matvec(values, indices, w_dn), **TOLERANCE[jnp.float32])
+  with pytest.raises(ValueError, match=r"plan must be \(groups, group\)"):
+    sparse_matvecs(values, indices, ws, backend="xla", plan=(0, 8))
+
+
+def test_cpu_loop_plan_gives_every_thread_its_share_of_a_step(monkeypatch):
+  """Steps read enough bytes for XLA to split them among its threads (256 KiB each), in at most MAX_PARTS parts of
+  G groups x B rows; a call smaller than one such step takes up to 8 entries per row a step."""
+  monkeypatch.setattr(smv_ops, "memory_bound_threads", lambda: 2)
+  for b in (1, 2, 3, 5, 8):
+    for k, row_bytes in ((819, 2048 * 4), (819, 5632 * 4), (358, 896 * 4), (2253, 2048 * 4), (819, 5632)):
+      groups, group = smv_ops.cpu_loop_plan(b, k, row_bytes)
+      per_row = groups * group
+      assert groups * b <= smv_ops.MAX_PARTS and per_row <= k + group
+      assert min(per_row, k) * b * row_bytes >= 2 * smv_ops.XLA_CPU_BYTES_PER_THREAD or per_row >= k
+      assert per_row * b <= smv_ops.MAX_ROWS_PER_STEP + b * group
+  assert smv_ops.cpu_loop_plan(1, 819, 2048 * 4) == (8, 10)  # TinyLlama's 2048 x 2048: 80 rows (640 KiB) a step
+  assert smv_ops.cpu_loop_plan(8, 819, 5632 * 4) == (1, 8)
+  assert smv_ops.cpu_loop_plan(2, 26, 256 * 4) == (1, 8)  # a small model: 52 KiB in all
+  with pytest.raises(ValueError, match="at most 8 rows of x"):
+    smv_ops.cpu_loop_plan(9, 819, 8192)
 
 
 def test_bad_input_is_named():

@@ -3,10 +3,10 @@
 Backends (pallas_kernels.dispatch.select): on a TPU the Mosaic row-gather kernel (kernel.py) for the inputs
 `kernel_supported` accepts (or backend="pallas"); on an H100/H200 the Mosaic GPU kernel (kernel_gpu.py) with
 backend="pallas", or "auto" once pallas_kernels/gpu_verified.py records it for that GPU (`gpu_kernel_supported`
-inputs); elsewhere plain JAX. On the CPU the XLA path is a fast path of its
-own: a scan over chunks of `chunk` kept activations whose body is one
-fused loop, y += Σ_j v_j · W[i_j, :], so each selected row streams through the cache once with no gathered copy
-(`jnp.take` of the rows and then a dot writes and re-reads them, and is slower than the dense matvec). That path
+inputs); elsewhere plain JAX. On the CPU the XLA path is a fast path of its own: a scan over chunks of kept
+activations whose body is one fused loop per W, y += Σ_j v_j · W[i_j, :], so each selected row streams through the
+cache once with no gathered copy (`jnp.take` of the rows and then a dot writes and re-reads them, and is slower than
+the dense matvec), and whose steps are large enough for XLA to share each among the CPU's threads. That path
 also reads packed ternary weights (uint8 [D/4, N], pallas_kernels.ternary_matmul.pack_ternary), decoding the 2-bit
 codes of the rows it reads: the decode step of a packed 1.58-bit model reads a sixteenth of the float32 bytes of
 its kept rows.
@@ -15,6 +15,8 @@ its kept rows.
 from __future__ import annotations
 
 import functools
+import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +32,21 @@ from qsparse_jax.ops.sparsity import ternary_codes
 PALLAS_PLATFORMS = ("tpu",)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per core on v5p and v6e)
-# Row reads per step of the CPU path's loop, over the B rows of x and every W it streams: a step's code and compile
-# time grow with them. 16 (8 kept entries each for two or three W) streamed as fast inside the decode loop as 32,
-# which at batch 1 lets XLA share a step among the CPU's threads (2.2x dense on one projection vs 1.9x) but
-# compiled twice the code (docs/benchmarks.md). Each row takes at least MIN_CHUNK entries per step (default_chunk).
-CPU_CHUNK = 16
-MIN_CHUNK = 8
+# The CPU path's loop reads CPU_ROWS_PER_STEP kept rows of each W per step (over the B rows of x), or more where
+# rows are narrow: XLA's CPU backend splits a loop step among threads only when the step's fusion reads at least
+# XLA_CPU_BYTES_PER_THREAD per thread (a memory-bound fusion: xla/service/cpu/parallel_task_assignment.cc, at most
+# ceil(sqrt(CPUs)) threads), and a step below that runs on one core, at half the memory bandwidth of two. A step's
+# partial sums [G, B, N] (G groups of each row's entries) stay one fusion per W, which XLA splits along G x B, only
+# while G x B <= MAX_PARTS: XLA:CPU fuses a concatenate of at most 8 parts, and with more each part becomes a fusion
+# of its own, run one after another on one thread (12 groups at batch 1 ran 1.5x slower than 8). Larger batches
+# run in blocks of MAX_PARTS rows. Measured at 40% kept on the Intel Xeon, in a loop over layers
+# (docs/benchmarks.md): batch 1, 2048 -> 2 x 5632, 64 rows a step in 8 groups 2.2x the dense matvec, in 2 groups
+# (16 rows, one thread) 1.5x, the previous layout (8 rows a step, column blocks) 1.5x.
+CPU_ROWS_PER_STEP = 64
+MAX_PARTS = 8
+MIN_ROWS_PER_BATCH_ROW = 4
+MAX_ROWS_PER_STEP = 256
+XLA_CPU_BYTES_PER_THREAD = 256 * 1024
 
 
 def kernel_supported(values_shape: tuple[int, ...], w_shape: tuple[int, ...], w_dtype) -> bool:
@@ -130,53 +141,77 @@ def _ternary_rows(rows, scale):
   return ternary_codes(rows, scale) * scale
 
 
-def default_chunk(batch: int, num_ws: int) -> int:
-  """Kept entries per step of the CPU path for B rows of x and num_ws W: CPU_CHUNK / (B num_ws), at least MIN_CHUNK
-  (16 for one W at batch 1, else 8). At batch 8, 32 per row decoded 1.2x faster than 8 but compiled 4x the code."""
-  return max(MIN_CHUNK, CPU_CHUNK // (batch * num_ws))
+def memory_bound_threads() -> int:
+  """How many threads XLA's CPU backend gives a memory-bound loop fusion: ceil(sqrt(CPUs this process may use))."""
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return math.isqrt(cpus - 1) + 1
 
 
-def column_blocks(n_out: int) -> int:
-  """How many column blocks the CPU path splits an output of n_out columns into: 8, 4, 2 or 1, the most that divide
-  it. They make the outer dimension of each loop step's output, which XLA's CPU backend can share among threads."""
-  return next(p for p in (8, 4, 2, 1) if n_out % p == 0)
+def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
+  """(groups, group) for the CPU path: each step reads groups x group of the k kept entries of each of the B <=
+  MAX_PARTS rows of x, from W rows of row_bytes bytes (the widest W of the call). A step reads CPU_ROWS_PER_STEP
+  rows over the batch, or enough for every thread a memory-bound fusion gets (XLA_CPU_BYTES_PER_THREAD each, with a
+  quarter to spare), at most MAX_ROWS_PER_STEP; at least MIN_ROWS_PER_BATCH_ROW per batch row, at most k. The
+  groups (MAX_PARTS / B of them) make the outer dimension XLA splits among threads: batch 1 sums 8 groups of 8 rows
+  a step (TinyLlama's 2048-wide W: 8 of 10), batch 8 one group of 8 per row. A call whose kept rows are fewer bytes
+  than all threads' share of one step (a small model's) runs in steps of up to 8 rows per row of x: no step of it
+  would be split among threads, and smaller steps compile less code."""
+  if batch > MAX_PARTS:
+    raise ValueError(f"a step of the CPU path takes at most {MAX_PARTS} rows of x, got {batch}")
+  if batch * k * row_bytes < memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD:
+    return 1, min(8, k)
+  wanted = -(-5 * memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD // (4 * row_bytes))
+  rows = min(MAX_ROWS_PER_STEP, max(CPU_ROWS_PER_STEP, wanted))
+  per_row = min(k, max(MIN_ROWS_PER_BATCH_ROW, -(-rows // batch)))
+  groups = min(MAX_PARTS // batch, per_row)
+  group = -(-per_row // groups)
+  return -(-per_row // group), group
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, chunk: int) -> tuple:
+def _row_bytes(w) -> int:
+  """Bytes of one row of W as the CPU path reads it (packed: a byte row of codes)."""
+  return w.shape[1] * jnp.dtype(w.dtype).itemsize
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, plan: tuple[int, int]) -> tuple:
   """[B, N_w] float32 for each W in ws_dn: one scan over the kept entries that reads row i_j of every W in the same
   loop body (the projections of one sparsified input share their chunks of values and indices). A W with a scale
   (not None) is ternary: each row read is ternarized with it, inside the same loop.
 
-  Each step's partial sums are [P, B, N_w / P] (P = column_blocks(N_w)): a leading dimension of P column blocks,
-  so that XLA's CPU backend may split the step among its threads even at batch 1 (it splits a loop's outer
-  dimension when the step's cost is large enough, which `chunk` rows of W make it). W [D, N] read as [D, P, N / P]
-  is the same memory, so each row is still one contiguous read. With P = 1 the sums are [B, N] (a unit axis in W's
-  shape lets XLA:CPU copy the whole W each call)."""
+  plan = (G, g) (cpu_loop_plan): each step takes G g kept entries of every row of x and adds, for each W, partial
+  sums [G, B, N_w], group q holding Σ_j v_j W[i_j] over its g entries: one fused loop per W whose inner body reads g
+  rows at a time, each contiguous, and whose outer dimension (G, else B) XLA's CPU backend splits among threads. y
+  is the sum of the G partial sums. More than MAX_PARTS rows of x run in blocks of MAX_PARTS."""
   b, k = values_bk.shape
+  if b > MAX_PARTS:  # blocks of MAX_PARTS rows of x, one scan each
+    blocks = [_xla_sparse_matvecs(values_bk[s:s + MAX_PARTS], indices_bk[s:s + MAX_PARTS], ws_dn, scales, plan=plan)
+              for s in range(0, b, MAX_PARTS)]
+    return tuple(jnp.concatenate(parts) for parts in zip(*blocks))
+  groups, group = plan
+  chunk = groups * group
   padded = -(-k // chunk) * chunk  # padding entries have value 0 (at row 0)
   v_cbj = jnp.pad(values_bk.astype(jnp.float32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
   i_cbj = jnp.pad(indices_bk.astype(jnp.int32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
-  blocks = tuple(column_blocks(w.shape[1]) for w in ws_dn)
-  ws = tuple(w if p == 1 else w.reshape(w.shape[0], p, -1) for w, p in zip(ws_dn, blocks))  # [D, N] or [D, P, N/P]
 
   def body(acc, chunk_in):
     v_bj, i_bj = chunk_in
 
-    def axpys(w, scale):  # Σ_j v_j W[i_j] for each batch row, one fused loop: [B, N] or [P, B, N/P]
+    def partial_sums(w, scale):  # [G, B, N]: group q of row r sums v_j W[i_j] over its entries, one fused loop
       def row(i):
         if is_packed(w):
           return _packed_row(w, i)
         w_i = lax.dynamic_index_in_dim(w, i, keepdims=False).astype(jnp.float32)
         return w_i if scale is None else _ternary_rows(w_i, scale)
-      rows = jnp.stack([sum(v_bj[r, j] * row(i_bj[r, j]) for j in range(chunk)) for r in range(b)])
-      return rows if w.ndim == 2 else rows.swapaxes(0, 1)
+      entries = lambda q: range(q * group, (q + 1) * group)
+      return jnp.stack([jnp.stack([sum(v_bj[r, j] * row(i_bj[r, j]) for j in entries(q)) for r in range(b)])
+                        for q in range(groups)])
 
-    return tuple(a + axpys(w, scale) for a, w, scale in zip(acc, ws, scales)), None
+    return tuple(a + partial_sums(w, scale) for a, w, scale in zip(acc, ws_dn, scales)), None
 
-  init = tuple(jnp.zeros((b, w.shape[1]) if w.ndim == 2 else (w.shape[1], b, w.shape[2]), jnp.float32) for w in ws)
+  init = tuple(jnp.zeros((groups, b, w.shape[1]), jnp.float32) for w in ws_dn)
   ys, _ = lax.scan(body, init, (v_cbj, i_cbj))
-  return tuple(y if y.ndim == 2 else y.swapaxes(0, 1).reshape(b, -1) for y in ys)
+  return tuple(y.sum(axis=0) for y in ys)
 
 
 def _kernel_matvecs(values_bk, indices_bk, ws_dn, *, block_sizes, interpret):
@@ -196,19 +231,20 @@ def _kernel_matvecs(values_bk, indices_bk, ws_dn, *, block_sizes, interpret):
 
 
 def sparse_matvec(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array, *, backend: str = "auto",
-                  chunk: int = 16, block_sizes: BlockSizes | None = None) -> jax.Array:
+                  plan: tuple[int, int] | None = None, block_sizes: BlockSizes | None = None) -> jax.Array:
   """y [B, N] = (x ⊙ M) W from the kept entries of each row of x: values_bk [B, K] at indices_bk [B, K] in [0, D).
 
   Reads only the K selected rows of W [D, N] per batch row (method.md §1: the projection of a top-K sparsified
   input). Small batches (B up to 16) each keep their own entries. Accumulates in float32; returns the dtype of
   values and W promoted. Indices must be in range (they are not checked inside jit).
   """
-  (y_bn,) = sparse_matvecs(values_bk, indices_bk, (w_dn,), backend=backend, chunk=chunk, block_sizes=block_sizes)
+  (y_bn,) = sparse_matvecs(values_bk, indices_bk, (w_dn,), backend=backend, plan=plan, block_sizes=block_sizes)
   return y_bn
 
 
 def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backend: str = "auto",
-                   chunk: int | None = None, block_sizes=None, ternary_scales=None) -> tuple[jax.Array, ...]:
+                   plan: tuple[int, int] | None = None, block_sizes=None, ternary_scales=None
+                   ) -> tuple[jax.Array, ...]:
   """(x ⊙ M) W for each W [D, N_w] in ws_dn, the projections that read one sparsified input (q, k and v; gate and
   up). The CPU fast path streams the selected row of every W in one pass; the kernel runs once per W.
 
@@ -216,18 +252,22 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   as ternarize(W), and the CPU path ternarizes only the rows it reads (the kernels take the whole ternarized W).
   A uint8 W is packed ternary codes [D/4, N] (pack_ternary): y is Σ_j v_j codes[i_j] unscaled, on the XLA path only.
 
-  chunk: kept entries per scan step of the CPU path (default: default_chunk(B, len(ws_dn))).
+  plan: (groups, group), the kept entries per row of x in each step of the CPU path (default: cpu_loop_plan).
   block_sizes: the kernel's tiles, one BlockSizes for every W or one per W (default: per chip, fitted to each W).
   """
   ws_dn = tuple(ws_dn)
-  if chunk is None:
-    chunk = default_chunk(values_bk.shape[0], len(ws_dn))
   if not ws_dn:
     raise ValueError("expected at least one weight matrix")
   for w_dn in ws_dn:
     _check(values_bk, indices_bk, w_dn)
   if len({input_size(w) for w in ws_dn}) != 1:
     raise ValueError(f"every W must have the same input size D, got shapes {[w.shape for w in ws_dn]}")
+  if plan is None:
+    plan = cpu_loop_plan(min(values_bk.shape[0], MAX_PARTS), values_bk.shape[1],
+                         max(_row_bytes(w) for w in ws_dn))
+  if len(plan) != 2 or min(plan) < 1:
+    raise ValueError(f"plan must be (groups, group), two positive counts, got {plan!r}")
+  plan = tuple(int(p) for p in plan)
   if backend == "pallas" and any(is_packed(w) for w in ws_dn):
     raise ValueError("packed ternary W (uint8) is read by the XLA path only: use backend 'xla' or 'auto'")
   out_dtypes = [jnp.promote_types(values_bk.dtype, w.dtype) for w in ws_dn]
@@ -251,7 +291,7 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   gpu = dispatch.GpuKernel("sparse_matvec", ternarized(_gpu_matvecs))
   ys = dispatch.select(
       backend, ternarized(functools.partial(_kernel_matvecs, block_sizes=tuple(block_sizes))),
-      lambda v, i, ws: _xla_sparse_matvecs(v, i, ws, scales, chunk=chunk), values_bk, indices_bk, ws_dn,
+      lambda v, i, ws: _xla_sparse_matvecs(v, i, ws, scales, plan=plan), values_bk, indices_bk, ws_dn,
       kernel_ok=all(kernel_supported(values_bk.shape, w.shape, w.dtype) for w in ws_dn),
       gpu=gpu if all(gpu_kernel_supported(w.shape, w.dtype) for w in ws_dn) else None)
   return tuple(y.astype(t) for y, t in zip(ys, out_dtypes))
