@@ -23,11 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import dispatch
-from pallas_kernels.sparse_matvec.kernel import (
-  BlockSizes,
-  padded_k,
-  sparse_matvec_pallas,
-)
+from pallas_kernels.sparse_matvec.kernel import BlockSizes, padded_k, sparse_matvec_pallas
 from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, sparse_matvec_gpu
 from pallas_kernels.ternary_matmul.kernel import unpack_plane
 from qsparse_jax.ops.selection import mask_from_thresholds, row_thresholds
