@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from pallas_kernels import dispatch, gpu_verified
 from pallas_kernels.sparse_matvec import BlockSizes, sparse_matvec, sparse_matvecs, topk_values_indices
-from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, interpret_params, races_found, sparse_matvec_gpu
 from pallas_kernels.sparse_matvec import ops as smv_ops
+from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, interpret_params, races_found, sparse_matvec_gpu
 from pallas_kernels.sparse_matvec.ops import gpu_block_sizes, kept_indices
 from pallas_kernels.sparse_matvec.reference import sparse_matvec_reference
 
