@@ -44,7 +44,7 @@ MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per c
 # (16 rows, one thread) 1.5x, the previous layout (8 rows a step, column blocks) 1.5x.
 CPU_ROWS_PER_STEP = 64
 MAX_PARTS = 8
-MIN_ROWS_PER_BATCH_ROW = 4
+SMALL_CALL_ROWS = 8
 MAX_ROWS_PER_STEP = 256
 XLA_CPU_BYTES_PER_THREAD = 256 * 1024
 
@@ -151,28 +151,22 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
   """(groups, group) for the CPU path: each step reads groups x group of the k kept entries of each of the B <=
   MAX_PARTS rows of x, from W rows of row_bytes bytes (the widest W of the call). A step reads CPU_ROWS_PER_STEP
   rows over the batch, or enough for every thread a memory-bound fusion gets (XLA_CPU_BYTES_PER_THREAD each, with a
-  quarter to spare), at most MAX_ROWS_PER_STEP; at least MIN_ROWS_PER_BATCH_ROW per batch row, at most k. The
+  quarter to spare), at most MAX_ROWS_PER_STEP and at most k per batch row. The
   groups (MAX_PARTS / B of them) make the outer dimension XLA splits among threads: batch 1 sums 8 groups of 8 rows
   a step (TinyLlama's 2048-wide W: 8 of 10), batch 8 one group of 8 per row. A call whose kept rows are fewer bytes
-  than all threads' share of one step (a small model's) runs in steps of up to 8 rows per row of x: no step of it
-  would be split among threads, and smaller steps compile less code."""
+  than all threads' share of one step (a small model's) runs in steps of up to SMALL_CALL_ROWS rows per row of x:
+  no step of it would be split among threads, and smaller steps compile less code."""
   if batch > MAX_PARTS:
     raise ValueError(f"a step of the CPU path takes at most {MAX_PARTS} rows of x, got {batch}")
-  if batch * k * row_bytes < memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD:
-    return 1, min(8, k)
-  wanted = -(-5 * memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD // (4 * row_bytes))
+  step_bytes = memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD  # the least a step split over all threads reads
+  if batch * k * row_bytes < step_bytes:
+    return 1, min(SMALL_CALL_ROWS, k)
+  wanted = -(-5 * step_bytes // (4 * row_bytes))
   rows = min(MAX_ROWS_PER_STEP, max(CPU_ROWS_PER_STEP, wanted))
-  per_row = min(k, max(MIN_ROWS_PER_BATCH_ROW, -(-rows // batch)))
+  per_row = min(k, -(-rows // batch))  # at least 8: 64 rows over at most MAX_PARTS rows of x
   groups = min(MAX_PARTS // batch, per_row)
   group = -(-per_row // groups)
   return -(-per_row // group), group
-
-
-def _row_bytes(w) -> int:
-  """Bytes of one row of W for cpu_loop_plan: its float32 width (4 N) whatever W's dtype, so that a step's code, N
-  float32 sums per row read, is bounded as for float32 (packed codes, 1/16 of the bytes, would ask for 256 rows a
-  step, a 22-layer model's program then compiling for many minutes)."""
-  return 4 * w.shape[1]
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -265,8 +259,9 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   if len({input_size(w) for w in ws_dn}) != 1:
     raise ValueError(f"every W must have the same input size D, got shapes {[w.shape for w in ws_dn]}")
   if plan is None:
-    plan = cpu_loop_plan(min(values_bk.shape[0], MAX_PARTS), values_bk.shape[1],
-                         max(_row_bytes(w) for w in ws_dn))
+    # rows sized by their float32 width whatever W's dtype: a step's code is N float32 sums per row read, and packed
+    # codes sized by their own bytes (1/16) asked for 256 rows a step, a 22-layer program compiling for many minutes
+    plan = cpu_loop_plan(min(values_bk.shape[0], MAX_PARTS), values_bk.shape[1], 4 * max(w.shape[1] for w in ws_dn))
   if len(plan) != 2 or min(plan) < 1:
     raise ValueError(f"plan must be (groups, group), two positive counts, got {plan!r}")
   plan = tuple(int(p) for p in plan)
