@@ -47,6 +47,10 @@ MAX_PARTS = 8
 SMALL_CALL_ROWS = 8
 MAX_ROWS_PER_STEP = 256
 XLA_CPU_BYTES_PER_THREAD = 256 * 1024
+# The XLA path compiled for a GPU or TPU (no kernel for the shape or program) takes DEVICE_ROWS_PER_STEP kept entries
+# per row of x a step in one group: the CPU's 8 groups of partial sums [8, B, N], carried through the loop on a
+# device, moved 1.9x the bytes (tests/test_compile_gpu.py), and there is no thread split to feed.
+DEVICE_ROWS_PER_STEP = 16
 
 
 def kernel_supported(values_shape: tuple[int, ...], w_shape: tuple[int, ...], w_dtype) -> bool:
@@ -248,7 +252,8 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   as ternarize(W), and the CPU path ternarizes only the rows it reads (the kernels take the whole ternarized W).
   A uint8 W is packed ternary codes [D/4, N] (pack_ternary): y is Σ_j v_j codes[i_j] unscaled, on the XLA path only.
 
-  plan: (groups, group), the kept entries per row of x in each step of the CPU path (default: cpu_loop_plan).
+  plan: (groups, group), the kept entries per row of x in each step of the XLA path (default: cpu_loop_plan in a
+    program compiled for the CPU, (1, DEVICE_ROWS_PER_STEP) in one compiled for a GPU or TPU).
   block_sizes: the kernel's tiles, one BlockSizes for every W or one per W (default: per chip, fitted to each W).
   """
   ws_dn = tuple(ws_dn)
@@ -261,10 +266,13 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   if plan is None:
     # rows sized by their float32 width whatever W's dtype: a step's code is N float32 sums per row read, and packed
     # codes sized by their own bytes (1/16) asked for 256 rows a step, a 22-layer program compiling for many minutes
-    plan = cpu_loop_plan(min(values_bk.shape[0], MAX_PARTS), values_bk.shape[1], 4 * max(w.shape[1] for w in ws_dn))
-  if len(plan) != 2 or min(plan) < 1:
+    cpu_plan = cpu_loop_plan(min(values_bk.shape[0], MAX_PARTS), values_bk.shape[1],
+                             4 * max(w.shape[1] for w in ws_dn))
+    device_plan = (1, min(values_bk.shape[1], DEVICE_ROWS_PER_STEP))
+  elif len(plan) != 2 or min(plan) < 1:
     raise ValueError(f"plan must be (groups, group), two positive counts, got {plan!r}")
-  plan = tuple(int(p) for p in plan)
+  else:
+    cpu_plan = device_plan = tuple(int(p) for p in plan)
   if backend == "pallas" and any(is_packed(w) for w in ws_dn):
     raise ValueError("packed ternary W (uint8) is read by the XLA path only: use backend 'xla' or 'auto'")
   out_dtypes = [jnp.promote_types(values_bk.dtype, w.dtype) for w in ws_dn]
@@ -284,11 +292,17 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
     return lambda v, i, ws, **kwargs: kernel_fn(v, i, tuple(w if s is None else _ternary_rows(w, s).astype(w.dtype)
                                                             for w, s in zip(ws, scales)), **kwargs)
 
+  def xla(v, i, ws):  # the CPU's plan where the program is compiled for the CPU, steps of one group elsewhere
+    on = lambda plan: lambda *args: _xla_sparse_matvecs(*args, scales, plan=plan)
+    if cpu_plan == device_plan:
+      return on(cpu_plan)(v, i, ws)
+    return lax.platform_dependent(v, i, ws, cpu=on(cpu_plan), default=on(device_plan))
+
   # (other W: "pallas" on a GPU interprets the TPU kernel)
   gpu = dispatch.GpuKernel("sparse_matvec", ternarized(_gpu_matvecs))
   ys = dispatch.select(
-      backend, ternarized(functools.partial(_kernel_matvecs, block_sizes=tuple(block_sizes))),
-      lambda v, i, ws: _xla_sparse_matvecs(v, i, ws, scales, plan=plan), values_bk, indices_bk, ws_dn,
+      backend, ternarized(functools.partial(_kernel_matvecs, block_sizes=tuple(block_sizes))), xla,
+      values_bk, indices_bk, ws_dn,
       kernel_ok=all(kernel_supported(values_bk.shape, w.shape, w.dtype) for w in ws_dn),
       gpu=gpu if all(gpu_kernel_supported(w.shape, w.dtype) for w in ws_dn) else None)
   return tuple(y.astype(t) for y, t in zip(ys, out_dtypes))
