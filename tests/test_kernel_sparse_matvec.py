@@ -139,8 +139,8 @@ def test_cpu_loop_plan_gives_every_thread_its_share_of_a_step(monkeypatch):
       assert groups * b <= smv_ops.MAX_PARTS and per_row <= k + group
       assert min(per_row, k) * b * row_bytes >= 2 * smv_ops.XLA_CPU_BYTES_PER_THREAD or per_row >= k
       assert per_row * b <= smv_ops.MAX_ROWS_PER_STEP + b * group
-  assert smv_ops.cpu_loop_plan(1, 819, 2048 * 4) == (8, 10)  # TinyLlama's 2048 x 2048: 80 rows (640 KiB) a step
-  assert smv_ops.cpu_loop_plan(8, 819, 5632 * 4) == (1, 8)
+  assert smv_ops.cpu_loop_plan(1, 819, 2048 * 4) == (8, 24)  # TinyLlama's 2048 x 2048: 192 rows (1.5 MiB) a step
+  assert smv_ops.cpu_loop_plan(8, 819, 5632 * 4) == (1, 24)
   assert smv_ops.cpu_loop_plan(2, 26, 256 * 4) == (1, 8)  # a small model: 52 KiB in all
   with pytest.raises(ValueError, match="at most 8 rows of x"):
     smv_ops.cpu_loop_plan(9, 819, 8192)

@@ -41,8 +41,10 @@ MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per c
 # of its own, run one after another on one thread (12 groups at batch 1 ran 1.5x slower than 8). Larger batches
 # run in blocks of MAX_PARTS rows. Measured at 40% kept on the Intel Xeon, in a loop over layers
 # (docs/benchmarks.md): batch 1, 2048 -> 2 x 5632, 64 rows a step in 8 groups 2.2x the dense matvec, in 2 groups
-# (16 rows, one thread) 1.5x, the previous layout (8 rows a step, column blocks) 1.5x.
-CPU_ROWS_PER_STEP = 64
+# (16 rows, one thread) 1.5x, the previous layout (8 rows a step, column blocks) 1.5x. Each step also costs a fixed
+# overhead (about 15 µs: the loop's thunks and the threads' hand-off), so steps of 192 rows beat 64-80: TinyLlama's
+# q at batch 1 1.61x vs 1.37x (80 rows) and 1.43x (416 rows), gate|up at batch 8 1.50x vs 1.21x (64 rows).
+CPU_ROWS_PER_STEP = 192
 MAX_PARTS = 8
 SMALL_CALL_ROWS = 8
 MAX_ROWS_PER_STEP = 256
@@ -156,8 +158,8 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
   MAX_PARTS rows of x, from W rows of row_bytes bytes (the widest W of the call). A step reads CPU_ROWS_PER_STEP
   rows over the batch, or enough for every thread a memory-bound fusion gets (XLA_CPU_BYTES_PER_THREAD each, with a
   quarter to spare), at most MAX_ROWS_PER_STEP and at most k per batch row. The
-  groups (MAX_PARTS / B of them) make the outer dimension XLA splits among threads: batch 1 sums 8 groups of 8 rows
-  a step (TinyLlama's 2048-wide W: 8 of 10), batch 8 one group of 8 per row. A call whose kept rows are fewer bytes
+  groups (MAX_PARTS / B of them) make the outer dimension XLA splits among threads: batch 1 sums 8 groups of 24 rows
+  a step, batch 8 one group of 24 per row. A call whose kept rows are fewer bytes
   than all threads' share of one step (a small model's) runs in steps of up to SMALL_CALL_ROWS rows per row of x:
   no step of it would be split among threads, and smaller steps compile less code."""
   if batch > MAX_PARTS:
@@ -167,7 +169,7 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
     return 1, min(SMALL_CALL_ROWS, k)
   wanted = -(-5 * step_bytes // (4 * row_bytes))
   rows = min(MAX_ROWS_PER_STEP, max(CPU_ROWS_PER_STEP, wanted))
-  per_row = min(k, -(-rows // batch))  # at least 8: 64 rows over at most MAX_PARTS rows of x
+  per_row = min(k, -(-rows // batch))  # at least 24: 192 rows over at most MAX_PARTS rows of x
   groups = min(MAX_PARTS // batch, per_row)
   group = -(-per_row // groups)
   return -(-per_row // group), group
