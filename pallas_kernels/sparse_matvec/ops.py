@@ -157,11 +157,11 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
   """(groups, group) for the CPU path: each step reads groups x group of the k kept entries of each of the B <=
   MAX_PARTS rows of x, from W rows of row_bytes bytes (the widest W of the call). A step reads CPU_ROWS_PER_STEP
   rows over the batch, or enough for every thread a memory-bound fusion gets (XLA_CPU_BYTES_PER_THREAD each, with a
-  quarter to spare), at most MAX_ROWS_PER_STEP and at most k per batch row. The
-  groups (MAX_PARTS / B of them) make the outer dimension XLA splits among threads: batch 1 sums 8 groups of 24 rows
-  a step, batch 8 one group of 24 per row. A call whose kept rows are fewer bytes
-  than all threads' share of one step (a small model's) runs in steps of up to SMALL_CALL_ROWS rows per row of x:
-  no step of it would be split among threads, and smaller steps compile less code."""
+  quarter to spare), at most MAX_ROWS_PER_STEP and at most k per batch row. The groups (MAX_PARTS / B of them) make
+  the outer dimension XLA splits among threads: batch 1 sums 8 groups of 24 rows a step, batch 8 one group of 24 per
+  row. A call whose kept rows are fewer bytes than all threads' share of one step (a small model's) runs in steps of
+  up to SMALL_CALL_ROWS rows per row of x: no step of it would be split among threads, and smaller steps compile
+  less code."""
   if batch > MAX_PARTS:
     raise ValueError(f"a step of the CPU path takes at most {MAX_PARTS} rows of x, got {batch}")
   step_bytes = memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD  # the least a step split over all threads reads
