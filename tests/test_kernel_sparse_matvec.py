@@ -13,6 +13,7 @@ from pallas_kernels.sparse_matvec import ops as smv_ops
 from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, interpret_params, races_found, sparse_matvec_gpu
 from pallas_kernels.sparse_matvec.ops import gpu_block_sizes, kept_indices
 from pallas_kernels.sparse_matvec.reference import sparse_matvec_reference
+from pallas_kernels.ternary_matmul import pack_ternary
 
 # Accumulation is float32 in every path; the sum order differs (steps, groups of rows), so float32 results agree to
 # a few ulps of the row norms. bfloat16 inputs are exact in float32, the only rounding is the final cast to
@@ -115,31 +116,36 @@ def test_ternary_scales_ternarize_the_rows_read(backend):
     sparse_matvecs(values, indices, ws, ternary_scales=(None,))
 
 
-@pytest.mark.parametrize("b, plan", [(1, (8, 10)), (3, (2, 7)), (2, (4, 1)), (11, (1, 5))])
+@pytest.mark.parametrize("b, plan", [(1, (16, 10)), (1, (8, 10)), (3, (2, 7)), (2, (4, 1)), (11, (1, 5))])
 def test_every_step_plan_of_the_cpu_path_sums_the_same(b, plan):
-  """The CPU loop's steps of `groups` x `group` entries per row (cpu_loop_plan), with K not a multiple of a step
-  (zero padding) and more rows of x than one step takes (blocks of MAX_PARTS), against NumPy."""
+  """The CPU loop's steps of `groups` x `group` entries per row (cpu_loop_plan: gathers of `groups` rows, or one
+  dynamic slice), with K not a multiple of a step (zero padding) and more rows of x than one step takes (blocks of
+  MAX_PARTS), against NumPy: a float W, one ternarized by its scale and packed ternary codes, in one call."""
   values, indices, w = random_problem(b, b, 300, 136, 123, jnp.float32)
-  ws = (w, w[:, :40] * 2)
-  ys = sparse_matvecs(values, indices, ws, backend="xla", plan=plan)
-  for y, w_dn in zip(ys, ws):
+  codes = np.asarray(jax.random.randint(jax.random.key(b), (300, 72), -1, 2), np.int8)
+  scale = float(np.mean(np.abs(np.asarray(w[:, :40], np.float64)))) + 1e-5
+  ws = (w, w[:, :40], pack_ternary(jnp.asarray(codes)))
+  ys = sparse_matvecs(values, indices, ws, backend="xla", plan=plan, ternary_scales=(None, jnp.float32(scale), None))
+  ternary = np.clip(np.round(np.asarray(w[:, :40], np.float64) / scale), -1, 1) * scale
+  for y, w_dn in zip(ys, (w, ternary, codes)):
     np.testing.assert_allclose(np.asarray(y), np_sparse_matvec(values, indices, w_dn), **TOLERANCE[jnp.float32])
   with pytest.raises(ValueError, match=r"plan must be \(groups, group\)"):
     sparse_matvecs(values, indices, ws, backend="xla", plan=(0, 8))
 
 
 def test_cpu_loop_plan_gives_every_thread_its_share_of_a_step(monkeypatch):
-  """Steps read enough bytes for XLA to split them among its threads (256 KiB each), in at most MAX_PARTS parts of
-  G groups x B rows; a call smaller than one such step takes up to 8 entries per row a step."""
+  """Steps read enough bytes for XLA to split them among its threads (256 KiB each), in G groups per row of x:
+  BATCH1_GROUPS at batch 1, else at most MAX_PARTS parts of G groups x B rows; a call smaller than one such step
+  takes up to 8 entries per row a step."""
   monkeypatch.setattr(smv_ops, "memory_bound_threads", lambda: 2)
   for b in (1, 2, 3, 5, 8):
     for k, row_bytes in ((819, 2048 * 4), (819, 5632 * 4), (358, 896 * 4), (2253, 2048 * 4), (819, 5632)):
       groups, group = smv_ops.cpu_loop_plan(b, k, row_bytes)
       per_row = groups * group
-      assert groups * b <= smv_ops.MAX_PARTS and per_row <= k + group
+      assert groups * b <= (smv_ops.BATCH1_GROUPS if b == 1 else smv_ops.MAX_PARTS) and per_row <= k + group
       assert min(per_row, k) * b * row_bytes >= 2 * smv_ops.XLA_CPU_BYTES_PER_THREAD or per_row >= k
       assert per_row * b <= smv_ops.MAX_ROWS_PER_STEP + b * group
-  assert smv_ops.cpu_loop_plan(1, 819, 2048 * 4) == (8, 24)  # TinyLlama's 2048 x 2048: 192 rows (1.5 MiB) a step
+  assert smv_ops.cpu_loop_plan(1, 819, 2048 * 4) == (16, 12)  # TinyLlama's 2048 x 2048: 192 rows (1.5 MiB) a step
   assert smv_ops.cpu_loop_plan(8, 819, 5632 * 4) == (1, 24)
   assert smv_ops.cpu_loop_plan(2, 26, 256 * 4) == (1, 8)  # a small model: 52 KiB in all
   with pytest.raises(ValueError, match="at most 8 rows of x"):

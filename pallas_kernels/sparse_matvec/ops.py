@@ -36,16 +36,20 @@ MAX_PREFETCH_INDICES = 128 * 1024  # B x K row indices live in SMEM (1 MiB per c
 # rows are narrow: XLA's CPU backend splits a loop step among threads only when the step's fusion reads at least
 # XLA_CPU_BYTES_PER_THREAD per thread (a memory-bound fusion: xla/service/cpu/parallel_task_assignment.cc, at most
 # ceil(sqrt(CPUs)) threads), and a step below that runs on one core, at half the memory bandwidth of two. A step's
-# partial sums [G, B, N] (G groups of each row's entries) stay one fusion per W, which XLA splits along G x B, only
-# while G x B <= MAX_PARTS: XLA:CPU fuses a concatenate of at most 8 parts, and with more each part becomes a fusion
-# of its own, run one after another on one thread (12 groups at batch 1 ran 1.5x slower than 8). Larger batches
-# run in blocks of MAX_PARTS rows. Measured at 40% kept on the Intel Xeon, in a loop over layers
-# (docs/benchmarks.md): batch 1, 2048 -> 2 x 5632, 64 rows a step in 8 groups 2.2x the dense matvec, in 2 groups
-# (16 rows, one thread) 1.5x, the previous layout (8 rows a step, column blocks) 1.5x. Each step also costs a fixed
-# overhead (about 15 µs: the loop's thunks and the threads' hand-off), so steps of 192 rows beat 64-80: TinyLlama's
-# q at batch 1 1.61x vs 1.37x (80 rows) and 1.43x (416 rows), gate|up at batch 8 1.50x vs 1.21x (64 rows).
+# partial sums [B, G, N] (G groups of each row's entries) are one fusion per W that XLA splits among threads: each
+# row of x adds G gathered rows (W.at[i_G].get()) g times, and the B rows are stacked, a concatenate that XLA:CPU
+# fuses only up to MAX_PARTS parts (with more, each part became a fusion of its own, run on one thread), so larger
+# batches run in blocks of MAX_PARTS rows. Batch 1 sums BATCH1_GROUPS groups of 12 rows; a batch of B sums
+# MAX_PARTS / B groups per row (batch 8: one group of 24, read with a dynamic slice), the layout that measured best.
+# Each step also costs a fixed overhead (about 15 µs: the loop's thunks and the threads' hand-off), so steps of 192
+# rows beat 64-80. Measured at 40% kept on the Intel Xeon, in a loop over layers (docs/benchmarks.md), against the
+# dense matvec: TinyLlama's q at batch 1 1.61x with 192 rows a step, 1.37x with 80 and 1.43x with 416 (8 groups
+# stacked, the previous layout); gathers of 16 groups of 12 rows ran down (5632 -> 2048) at 2.27x against 2.02x
+# and k|v at 1.12x against 0.95x, and compile a site about 10x faster; at batch 8 gathers of 2 groups ran gate|up
+# at 1.33x against 1.67x for one group of 24 rows per row.
 CPU_ROWS_PER_STEP = 192
 MAX_PARTS = 8
+BATCH1_GROUPS = 16
 SMALL_CALL_ROWS = 8
 MAX_ROWS_PER_STEP = 256
 XLA_CPU_BYTES_PER_THREAD = 256 * 1024
@@ -135,13 +139,6 @@ def is_packed(w: jax.Array) -> bool:
   return jnp.dtype(w.dtype) == jnp.dtype(jnp.uint8)
 
 
-def _packed_row(packed, i):
-  """Row i of the ternary codes packed in uint8 [Q, ...] as float32 {-1, 0, 1}: bit pair i // Q of byte row i % Q
-  (pack_ternary: weight row p Q + q sits in bits 2p of byte row q)."""
-  q = packed.shape[0]
-  return unpack_plane(lax.dynamic_index_in_dim(packed, i % q, keepdims=False), i // q).astype(jnp.float32)
-
-
 def _ternary_rows(rows, scale):
   """Rows of W as ternarize(W) has them, from the whole tensor's absmean scale α + ε (method.md §4)."""
   return ternary_codes(rows, scale) * scale
@@ -157,10 +154,10 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
   """(groups, group) for the CPU path: each step reads groups x group of the k kept entries of each of the B <=
   MAX_PARTS rows of x, from W rows of row_bytes bytes (the widest W of the call). A step reads CPU_ROWS_PER_STEP
   rows over the batch, or enough for every thread a memory-bound fusion gets (XLA_CPU_BYTES_PER_THREAD each, with a
-  quarter to spare), at most MAX_ROWS_PER_STEP and at most k per batch row. The groups (MAX_PARTS / B of them) make
-  the outer dimension XLA splits among threads: batch 1 sums 8 groups of 24 rows a step, batch 8 one group of 24 per
-  row. A call whose kept rows are fewer bytes than all threads' share of one step (a small model's) runs in steps of
-  up to SMALL_CALL_ROWS rows per row of x: no step of it would be split among threads, and smaller steps compile
+  quarter to spare), at most MAX_ROWS_PER_STEP and at most k per batch row. Batch 1 reads BATCH1_GROUPS groups
+  (16 gathered rows at a time, 12 times), a batch of B MAX_PARTS / B groups per row (batch 8: one group of 24 per
+  row). A call whose kept rows are fewer bytes than all threads' share of one step (a small model's) runs in steps
+  of up to SMALL_CALL_ROWS rows per row of x: no step of it would be split among threads, and smaller steps compile
   less code."""
   if batch > MAX_PARTS:
     raise ValueError(f"a step of the CPU path takes at most {MAX_PARTS} rows of x, got {batch}")
@@ -170,7 +167,7 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
   wanted = -(-5 * step_bytes // (4 * row_bytes))
   rows = min(MAX_ROWS_PER_STEP, max(CPU_ROWS_PER_STEP, wanted))
   per_row = min(k, -(-rows // batch))  # at least 24: 192 rows over at most MAX_PARTS rows of x
-  groups = min(MAX_PARTS // batch, per_row)
+  groups = min(BATCH1_GROUPS if batch == 1 else MAX_PARTS // batch, per_row)
   group = -(-per_row // groups)
   return -(-per_row // group), group
 
@@ -182,9 +179,9 @@ def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, p
   (not None) is ternary: each row read is ternarized with it, inside the same loop.
 
   plan = (G, g) (cpu_loop_plan): each step takes G g kept entries of every row of x and adds, for each W, partial
-  sums [G, B, N_w], group q holding Σ_j v_j W[i_j] over its g entries: one fused loop per W whose inner body reads g
-  rows at a time, each contiguous, and whose outer dimension (G, else B) XLA's CPU backend splits among threads. y
-  is the sum of the G partial sums. More than MAX_PARTS rows of x run in blocks of MAX_PARTS."""
+  sums [B, G, N_w], group q of row r holding Σ_j v_j W[i_j] over its g entries: one fused loop per W whose body
+  gathers G rows of W g times per row of x (one dynamic slice where G is 1), each row contiguous, and whose outer
+  dimension XLA's CPU backend splits among threads. y is the sum of the G partial sums. More than MAX_PARTS rows of x run in blocks of MAX_PARTS."""
   b, k = values_bk.shape
   if b > MAX_PARTS:  # blocks of MAX_PARTS rows of x, one scan each
     blocks = [_xla_sparse_matvecs(values_bk[s:s + MAX_PARTS], indices_bk[s:s + MAX_PARTS], ws_dn, scales, plan=plan)
@@ -193,27 +190,31 @@ def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, p
   groups, group = plan
   chunk = groups * group
   padded = -(-k // chunk) * chunk  # padding entries have value 0 (at row 0)
-  v_cbj = jnp.pad(values_bk.astype(jnp.float32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
-  i_cbj = jnp.pad(indices_bk.astype(jnp.int32), ((0, 0), (0, padded - k))).reshape(b, -1, chunk).swapaxes(0, 1)
+  to_steps = lambda a: jnp.pad(a, ((0, 0), (0, padded - k))).reshape(b, -1, groups, group).swapaxes(0, 1)
+  v_cbgj, i_cbgj = to_steps(values_bk.astype(jnp.float32)), to_steps(indices_bk.astype(jnp.int32))
 
-  def body(acc, chunk_in):
-    v_bj, i_bj = chunk_in
+  def rows(w, scale, i_g):  # float32 [G, N]: row i_g[q] of W (as its scale ternarizes it) for each group q
+    if is_packed(w):  # byte row i % Q, bit pair i // Q (pack_ternary)
+      q = w.shape[0]
+      packed = (lax.dynamic_index_in_dim(w, i_g[0] % q) if groups == 1 else
+                w.at[i_g % q].get(mode="promise_in_bounds"))
+      return unpack_plane(packed, (i_g // q)[:, None]).astype(jnp.float32)
+    w_g = (lax.dynamic_index_in_dim(w, i_g[0]) if groups == 1 else
+           w.at[i_g].get(mode="promise_in_bounds")).astype(jnp.float32)
+    return w_g if scale is None else _ternary_rows(w_g, scale)
 
-    def partial_sums(w, scale):  # [G, B, N]: group q of row r sums v_j W[i_j] over its entries, one fused loop
-      def row(i):
-        if is_packed(w):
-          return _packed_row(w, i)
-        w_i = lax.dynamic_index_in_dim(w, i, keepdims=False).astype(jnp.float32)
-        return w_i if scale is None else _ternary_rows(w_i, scale)
-      entries = lambda q: range(q * group, (q + 1) * group)
-      return jnp.stack([jnp.stack([sum(v_bj[r, j] * row(i_bj[r, j]) for j in entries(q)) for r in range(b)])
-                        for q in range(groups)])
+  def body(acc, step_in):
+    v_bgj, i_bgj = step_in
+
+    def partial_sums(w, scale):  # [B, G, N]: group q of row r sums v_j W[i_j] over its g entries, one fused loop
+      return jnp.stack([sum(v_bgj[r, :, j, None] * rows(w, scale, i_bgj[r, :, j]) for j in range(group))
+                        for r in range(b)])
 
     return tuple(a + partial_sums(w, scale) for a, w, scale in zip(acc, ws_dn, scales)), None
 
-  init = tuple(jnp.zeros((groups, b, w.shape[1]), jnp.float32) for w in ws_dn)
-  ys, _ = lax.scan(body, init, (v_cbj, i_cbj))
-  return tuple(y.sum(axis=0) for y in ys)
+  init = tuple(jnp.zeros((b, groups, w.shape[1]), jnp.float32) for w in ws_dn)
+  ys, _ = lax.scan(body, init, (v_cbgj, i_cbgj))
+  return tuple(y.sum(axis=1) for y in ys)
 
 
 def _kernel_matvecs(values_bk, indices_bk, ws_dn, *, block_sizes, interpret):
