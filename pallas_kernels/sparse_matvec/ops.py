@@ -181,7 +181,8 @@ def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, p
   plan = (G, g) (cpu_loop_plan): each step takes G g kept entries of every row of x and adds, for each W, partial
   sums [B, G, N_w], group q of row r holding Σ_j v_j W[i_j] over its g entries: one fused loop per W whose body
   gathers G rows of W g times per row of x (one dynamic slice where G is 1), each row contiguous, and whose outer
-  dimension XLA's CPU backend splits among threads. y is the sum of the G partial sums. More than MAX_PARTS rows of x run in blocks of MAX_PARTS."""
+  dimension XLA's CPU backend splits among threads. y is the sum of the G partial sums. More than MAX_PARTS rows
+  of x run in blocks of MAX_PARTS."""
   b, k = values_bk.shape
   if b > MAX_PARTS:  # blocks of MAX_PARTS rows of x, one scan each
     blocks = [_xla_sparse_matvecs(values_bk[s:s + MAX_PARTS], indices_bk[s:s + MAX_PARTS], ws_dn, scales, plan=plan)
@@ -193,14 +194,14 @@ def _xla_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, p
   to_steps = lambda a: jnp.pad(a, ((0, 0), (0, padded - k))).reshape(b, -1, groups, group).swapaxes(0, 1)
   v_cbgj, i_cbgj = to_steps(values_bk.astype(jnp.float32)), to_steps(indices_bk.astype(jnp.int32))
 
+  def take(a, i_g):  # [G, N]: rows i_g of a, one dynamic slice where G is 1
+    return lax.dynamic_index_in_dim(a, i_g[0]) if groups == 1 else a.at[i_g].get(mode="promise_in_bounds")
+
   def rows(w, scale, i_g):  # float32 [G, N]: row i_g[q] of W (as its scale ternarizes it) for each group q
     if is_packed(w):  # byte row i % Q, bit pair i // Q (pack_ternary)
       q = w.shape[0]
-      packed = (lax.dynamic_index_in_dim(w, i_g[0] % q) if groups == 1 else
-                w.at[i_g % q].get(mode="promise_in_bounds"))
-      return unpack_plane(packed, (i_g // q)[:, None]).astype(jnp.float32)
-    w_g = (lax.dynamic_index_in_dim(w, i_g[0]) if groups == 1 else
-           w.at[i_g].get(mode="promise_in_bounds")).astype(jnp.float32)
+      return unpack_plane(take(w, i_g % q), (i_g // q)[:, None]).astype(jnp.float32)
+    w_g = take(w, i_g).astype(jnp.float32)
     return w_g if scale is None else _ternary_rows(w_g, scale)
 
   def body(acc, step_in):
