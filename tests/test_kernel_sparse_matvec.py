@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import dispatch, gpu_verified
-from pallas_kernels.sparse_matvec import BlockSizes, sparse_matvec, sparse_matvecs, topk_values_indices
+from pallas_kernels.sparse_matvec import BlockSizes, cpu_reads, sparse_matvec, sparse_matvecs, topk_values_indices
 from pallas_kernels.sparse_matvec import ops as smv_ops
 from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, interpret_params, races_found, sparse_matvec_gpu
 from pallas_kernels.sparse_matvec.ops import gpu_block_sizes, kept_indices
@@ -131,6 +131,58 @@ def test_every_step_plan_of_the_cpu_path_sums_the_same(b, plan):
     np.testing.assert_allclose(np.asarray(y), np_sparse_matvec(values, indices, w_dn), **TOLERANCE[jnp.float32])
   with pytest.raises(ValueError, match=r"plan must be \(groups, group\)"):
     sparse_matvecs(values, indices, ws, backend="xla", plan=(0, 8))
+
+
+@pytest.mark.parametrize("b", [1, 3, 10])
+def test_narrow_weights_read_dense_above_batch_1_sum_the_same(b):
+  """Above batch 1 the CPU path reads a float32 W a quarter as wide as the widest (k and v beside q) as a dense
+  product of the scattered entries, and keeps ternary and packed W of the same width in its loop: against NumPy."""
+  values, indices, w = random_problem(b + 20, b, 300, 256, 40, jnp.float32)
+  codes = np.asarray(jax.random.randint(jax.random.key(b), (300, 64), -1, 2), np.int8)
+  scale = float(np.mean(np.abs(np.asarray(w[:, :64], np.float64)))) + 1e-5
+  ws = (w, w[:, :64], w[:, 64:128] * 2, pack_ternary(jnp.asarray(codes)), w[:, :65])
+  scales = (None, None, jnp.float32(scale), None, None)
+  assert cpu_reads.narrow_dense_reads(b, ws, scales) == (False, b > 1, False, False, False)
+  ys = sparse_matvecs(values, indices, ws, backend="xla", ternary_scales=scales)
+  ternary = np.clip(np.round(np.asarray(ws[2], np.float64) / scale), -1, 1) * scale
+  for y, w_dn in zip(ys, (w, w[:, :64], ternary, codes, w[:, :65])):
+    np.testing.assert_allclose(np.asarray(y), np_sparse_matvec(values, indices, w_dn), **TOLERANCE[jnp.float32])
+  assert cpu_reads.narrow_dense_reads(8, (w, w[:, :64].astype(jnp.bfloat16)), (None, None)) == (False, False)
+
+
+def test_reads_measured_at_first_use_are_kept_and_sum_the_same(monkeypatch):
+  """Under cpu_reads.measuring() a call above batch 1 times its candidate reads once (a real measurement over
+  copies of its Ws, cut here to 2 MiB) and keeps the fastest for later calls of its shape; a fake clock that favours
+  each candidate in turn picks it. Every choice sums as NumPy does; outside measuring() the rule applies."""
+  monkeypatch.setattr(cpu_reads, "_CHOSEN", {})
+  monkeypatch.setattr(cpu_reads, "MEASURE_BYTES", 2 * 1024 * 1024)
+  monkeypatch.setattr(smv_ops, "memory_bound_threads", lambda: 2)
+  values, indices, w = random_problem(7, 2, 320, 1024, 128, jnp.float32)  # 1 MiB of rows: not a small call
+  ws, scales = (w, w[:, :256]), (None, None)
+  options = cpu_reads.candidates(2, ws, scales)
+  assert options == [(False, False), (False, True), (True, True)]
+  measured = []
+  real_measure = cpu_reads.measure
+  monkeypatch.setattr(cpu_reads, "measure", lambda *args: measured.append(real_measure(*args)) or measured[-1])
+  expected = [np_sparse_matvec(values, indices, w_dn) for w_dn in ws]
+  for _ in range(2):
+    with cpu_reads.measuring():
+      ys = jax.jit(sparse_matvecs)(values, indices, ws)
+    for y, y_np in zip(ys, expected):
+      np.testing.assert_allclose(np.asarray(y), y_np, **TOLERANCE[jnp.float32])
+  assert len(measured) == 1 and len(measured[0]) == 3 and min(measured[0]) > 0  # measured once, then kept
+  chosen = cpu_reads._CHOSEN.copy()
+  assert list(chosen.values()) == [options[int(np.argmin(measured[0]))]]
+  for fastest, option in enumerate(options):
+    monkeypatch.setattr(cpu_reads, "_CHOSEN", {})
+    monkeypatch.setattr(cpu_reads, "measure", lambda *args, f=fastest: [1.0 + (n != f) for n in range(3)])
+    with cpu_reads.measuring():
+      assert cpu_reads.choose(values, ws, scales, matvecs=None, small=False) == option
+      assert cpu_reads.choose(values, ws, scales, matvecs=None, small=True) == options[1]  # small: the rule
+    y0, y1 = smv_ops._cpu_sparse_matvecs(values, indices, ws, scales, plan=(2, 16), dense_reads=option)
+    np.testing.assert_allclose(np.asarray(y0), expected[0], **TOLERANCE[jnp.float32])
+    np.testing.assert_allclose(np.asarray(y1), expected[1], **TOLERANCE[jnp.float32])
+  assert cpu_reads.choose(values, ws, scales, matvecs=None, small=False) == options[1]  # not measuring: the rule
 
 
 def test_cpu_loop_plan_gives_every_thread_its_share_of_a_step(monkeypatch):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import dispatch
+from pallas_kernels.sparse_matvec import cpu_reads
 from pallas_kernels.sparse_matvec.kernel import BlockSizes, padded_k, sparse_matvec_pallas
 from pallas_kernels.sparse_matvec.kernel_gpu import GpuBlockSizes, sparse_matvec_gpu
 from pallas_kernels.ternary_matmul.kernel import unpack_plane
@@ -150,6 +151,12 @@ def memory_bound_threads() -> int:
   return math.isqrt(cpus - 1) + 1
 
 
+def is_small_call(batch: int, k: int, row_bytes: int) -> bool:
+  """Whether B rows of x with k kept entries each read fewer bytes of W rows (row_bytes each) than all threads' share
+  of one loop step: a call no step of which XLA would split among threads (a small model's)."""
+  return batch * k * row_bytes < memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD
+
+
 def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
   """(groups, group) for the CPU path: each step reads groups x group of the k kept entries of each of the B <=
   MAX_PARTS rows of x, from W rows of row_bytes bytes (the widest W of the call). A step reads CPU_ROWS_PER_STEP
@@ -161,15 +168,33 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
   less code."""
   if batch > MAX_PARTS:
     raise ValueError(f"a step of the CPU path takes at most {MAX_PARTS} rows of x, got {batch}")
-  step_bytes = memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD  # the least a step split over all threads reads
-  if batch * k * row_bytes < step_bytes:
+  if is_small_call(batch, k, row_bytes):
     return 1, min(SMALL_CALL_ROWS, k)
+  step_bytes = memory_bound_threads() * XLA_CPU_BYTES_PER_THREAD  # the least a step split over all threads reads
   wanted = -(-5 * step_bytes // (4 * row_bytes))
   rows = min(MAX_ROWS_PER_STEP, max(CPU_ROWS_PER_STEP, wanted))
   per_row = min(k, -(-rows // batch))  # at least 24: 192 rows over at most MAX_PARTS rows of x
   groups = min(BATCH1_GROUPS if batch == 1 else MAX_PARTS // batch, per_row)
   group = -(-per_row // groups)
   return -(-per_row // group), group
+
+
+def dense_read(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array) -> jax.Array:
+  """float32 [B, N] = (x ⊙ M) W as a dense product: the kept entries scattered into zeros [B, D], times all of W."""
+  b = values_bk.shape[0]
+  x_bd = jnp.zeros((b, w_dn.shape[0]), jnp.float32).at[jnp.arange(b)[:, None], indices_bk].add(
+      values_bk.astype(jnp.float32), mode="promise_in_bounds")
+  return jnp.dot(x_bd, w_dn.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "dense_reads"))
+def _cpu_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, plan: tuple[int, int],
+                        dense_reads: tuple[bool, ...]) -> tuple:
+  """The CPU path: the Ws marked in dense_reads (cpu_reads.choose) as dense_read, the others in one row loop."""
+  looped = [n for n, dense in enumerate(dense_reads) if not dense]
+  ys = dict(zip(looped, _xla_sparse_matvecs(values_bk, indices_bk, tuple(ws_dn[n] for n in looped),
+                                            tuple(scales[n] for n in looped), plan=plan) if looped else ()))
+  return tuple(ys[n] if n in ys else dense_read(values_bk, indices_bk, w) for n, w in enumerate(ws_dn))
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -255,6 +280,8 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   ternary_scales: None, or per W None or the absmean scale α + ε of a ternary W (absmean_ternary): that W counts
   as ternarize(W), and the CPU path ternarizes only the rows it reads (the kernels take the whole ternarized W).
   A uint8 W is packed ternary codes [D/4, N] (pack_ternary): y is Σ_j v_j codes[i_j] unscaled, on the XLA path only.
+  Above batch 1 the CPU path may read a float32 W whole, as the dense product of the scattered kept entries: by a
+  rule, or by a measurement at first use within cpu_reads.measuring() (see cpu_reads).
 
   plan: (groups, group), the kept entries per row of x in each step of the XLA path (default: cpu_loop_plan in a
     program compiled for the CPU, (1, DEVICE_ROWS_PER_STEP) in one compiled for a GPU or TPU).
@@ -267,11 +294,11 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
     _check(values_bk, indices_bk, w_dn)
   if len({input_size(w) for w in ws_dn}) != 1:
     raise ValueError(f"every W must have the same input size D, got shapes {[w.shape for w in ws_dn]}")
+  row_bytes = 4 * max(w.shape[1] for w in ws_dn)
   if plan is None:
     # rows sized by their float32 width whatever W's dtype: a step's code is N float32 sums per row read, and packed
     # codes sized by their own bytes (1/16) asked for 256 rows a step, a 22-layer program compiling for many minutes
-    cpu_plan = cpu_loop_plan(min(values_bk.shape[0], MAX_PARTS), values_bk.shape[1],
-                             4 * max(w.shape[1] for w in ws_dn))
+    cpu_plan = cpu_loop_plan(min(values_bk.shape[0], MAX_PARTS), values_bk.shape[1], row_bytes)
     device_plan = (1, min(values_bk.shape[1], DEVICE_ROWS_PER_STEP))
   elif len(plan) != 2 or min(plan) < 1:
     raise ValueError(f"plan must be (groups, group), two positive counts, got {plan!r}")
@@ -296,11 +323,14 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
     return lambda v, i, ws, **kwargs: kernel_fn(v, i, tuple(w if s is None else _ternary_rows(w, s).astype(w.dtype)
                                                             for w, s in zip(ws, scales)), **kwargs)
 
-  def xla(v, i, ws):  # the CPU's plan where the program is compiled for the CPU, steps of one group elsewhere
-    on = lambda plan: lambda *args: _xla_sparse_matvecs(*args, scales, plan=plan)
-    if cpu_plan == device_plan:
-      return on(cpu_plan)(v, i, ws)
-    return lax.platform_dependent(v, i, ws, cpu=on(cpu_plan), default=on(device_plan))
+  def xla(v, i, ws):  # the CPU's plan and dense reads where the program is compiled for the CPU, one loop elsewhere
+    dense_reads = cpu_reads.choose(v, ws, scales, matvecs=functools.partial(_cpu_sparse_matvecs, plan=cpu_plan),
+                                   small=is_small_call(min(v.shape[0], MAX_PARTS), v.shape[1], row_bytes))
+    cpu = lambda *args: _cpu_sparse_matvecs(*args, scales, plan=cpu_plan, dense_reads=dense_reads)
+    device = lambda *args: _xla_sparse_matvecs(*args, scales, plan=device_plan)
+    if cpu_plan == device_plan and not any(dense_reads):
+      return device(v, i, ws)
+    return lax.platform_dependent(v, i, ws, cpu=cpu, default=device)
 
   # (other W: "pallas" on a GPU interprets the TPU kernel)
   gpu = dispatch.GpuKernel("sparse_matvec", ternarized(_gpu_matvecs))

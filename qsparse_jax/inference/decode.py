@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.sparse_matvec import cpu_reads
 from qsparse_jax.nn.linear import cache_ternary_scales
 from qsparse_jax.nn.model import ModelConfig, init_cache
 
@@ -170,10 +171,20 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
   stopped) once per generated position, for streaming; the host sees the tokens a chunk (CHUNK) at a time.
 
   The prompts are right-padded to a power-of-two bucket and the KV cache sized to one, so requests within a bucket
-  reuse one compiled prefill and one compiled decode loop.
+  reuse one compiled prefill and one compiled decode loop. With the weights on the CPU, the first decode loop of a
+  batch above 1 times once per projection shape how the sparse path reads W (pallas_kernels.sparse_matvec.cpu_reads:
+  kept rows in a loop, or W whole), a few seconds per shape, kept for the process.
   """
   check_request(cfg, prompts, sampling, decode_text=decode_text)
   graphdef, params = with_ternary_scales(graphdef, params, cfg)
+  on_cpu = all(device.platform == "cpu" for leaf in jax.tree.leaves(params) for device in leaf.devices())
+  with cpu_reads.measuring(on_cpu):  # the CPU picks its batched reads by a measurement at first use
+    return _generate(graphdef, params, cfg, prompts, sampling, decode_text=decode_text, sparse=sparse,
+                     on_tokens=on_tokens)
+
+
+def _generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+              decode_text, sparse: bool, on_tokens) -> Generation:
   longest = max(map(len, prompts))
   b = len(prompts)
   cache_len = bucket(longest + sampling.max_new_tokens, cfg.max_seq_len)
