@@ -161,6 +161,7 @@ def test_reads_measured_at_first_use_are_kept_and_sum_the_same(monkeypatch):
   ws, scales = (w, w[:, :256]), (None, None)
   options = cpu_reads.candidates(2, ws, scales)
   assert options == [(False, False), (False, True), (True, True)]
+  assert cpu_reads.candidates(1, ws, scales) == [(False, False)]  # batch 1: nothing to measure
   measured = []
   real_measure = cpu_reads.measure
   monkeypatch.setattr(cpu_reads, "measure", lambda *args: measured.append(real_measure(*args)) or measured[-1])

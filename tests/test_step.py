@@ -6,7 +6,6 @@ import dataclasses
 import pathlib
 import runpy
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +19,17 @@ from qsparse_jax.training.step import init_train_state, lm_loss, loss_and_grads,
 
 CFG = ModelConfig(vocab_size=257, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=32,
                   activation="silu").with_sparsity(0.4)
+
+
+def assert_grads_close(got, expected):
+  """float32 gradients summed in another order: each entry within 1e-5 of itself, or of its leaf's largest entry
+  (a sum whose terms cancel, such as the embedding's over the tokens, keeps the ulps of the terms, not of the result:
+  1.5e-7 absolute on an entry of 8e-4 was seen on an AMD EPYC Zen 5)."""
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected)):
+    e = np.asarray(e)
+    np.testing.assert_allclose(np.asarray(g), e, rtol=1e-5, atol=1e-5 * float(np.abs(e).max()),
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def tokens(rows=8, length=17, seed=0):
@@ -48,7 +58,7 @@ def test_microbatched_gradients_equal_the_whole_batch(loss_fn, batch, microbatch
                                                                         microbatches)
   # float32 sums in another order: a few ulps of the loss, relative 1e-5 of each gradient.
   np.testing.assert_allclose(mb_loss, loss, rtol=1e-6)
-  chex.assert_trees_all_close(mb_grads, grads, rtol=1e-5, atol=1e-7)
+  assert_grads_close(mb_grads, grads)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
@@ -64,7 +74,7 @@ def test_remat_and_scan_compute_the_same_gradients(remat, scan_layers):
   loss, grads = grad(graphdef, params, tokens())
   remat_loss, remat_grads = grad(remat_graphdef, params, tokens())
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-  chex.assert_trees_all_close(remat_grads, grads, rtol=1e-5, atol=1e-7)
+  assert_grads_close(remat_grads, grads)
 
 
 def test_full_remat_recomputes_the_forward_in_the_backward_pass():

@@ -9,7 +9,8 @@ cache once with no gathered copy (`jnp.take` of the rows and then a dot writes a
 the dense matvec), and whose steps are large enough for XLA to share each among the CPU's threads. That path
 also reads packed ternary weights (uint8 [D/4, N], pallas_kernels.ternary_matmul.pack_ternary), decoding the 2-bit
 codes of the rows it reads: the decode step of a packed 1.58-bit model reads a sixteenth of the float32 bytes of
-its kept rows.
+its kept rows. Above batch 1, where the rows of x together keep most rows of W, it may read a float32 W whole instead
+(dense_read), as cpu_reads decides.
 """
 
 from __future__ import annotations
