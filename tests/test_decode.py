@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.sparse_matvec import cpu_reads
+from pallas_kernels.sparse_matvec import ops as smv_ops
 from qsparse_jax.data.tokenizers import ByteTokenizer
 from qsparse_jax.inference import decode
 from qsparse_jax.inference.decode import SamplingConfig, generate, sample_logits
@@ -88,6 +90,34 @@ def test_batched_prompts_of_different_lengths_decode_like_uncached_greedy():
   assert together.steps == 10
   for prompt, tokens in zip(prompts, together.tokens):
     assert tokens == greedy_by_recomputation(model, prompt, 10)  # no cache at all
+
+
+def test_batched_cpu_decode_measures_each_projection_shape_once(monkeypatch):
+  """With its weights on the CPU, generate's first decode loop above batch 1 times the reads of each projection
+  shape once (cpu_reads.measure; here a fake clock that favours reading every W whole), a second call reuses the
+  choices and batch 1 measures nothing; the rows still continue as the uncached greedy forward does."""
+  monkeypatch.setattr(cpu_reads, "_CHOSEN", {})
+  monkeypatch.setattr(smv_ops, "memory_bound_threads", lambda: 1)  # 256 KiB a loop step: no site here is small
+  measured = []
+
+  def fake_measure(batch, k, ws_dn, scales, options, matvecs):
+    measured.append((batch, tuple(w.shape for w in ws_dn)))
+    return [2.0] * (len(options) - 1) + [1.0]
+
+  monkeypatch.setattr(cpu_reads, "measure", fake_measure)
+  cfg = dataclasses.replace(CFG, d_model=256, d_ff=1024, activation="silu").with_sparsity(0.4)  # GLU: gate|up
+  model = Transformer(cfg, rngs=nnx.Rngs(3))
+  graphdef, params = nnx.split(model)
+  prompts = [[5, 70, 33, 9], [44, 2], [100, 101, 102]]
+  first = generate(graphdef, params, cfg, prompts, SamplingConfig(max_new_tokens=6))
+  assert sorted(measured) == sorted({(3, ((256, 256), (256, 128), (256, 128))), (3, ((256, 256),)),
+                                     (3, ((256, 1024), (256, 1024))), (3, ((1024, 256),))}), measured
+  assert set(cpu_reads._CHOSEN.values()) == {(True,), (True, True), (True, True, True)}
+  assert generate(graphdef, params, cfg, prompts, SamplingConfig(max_new_tokens=6)).tokens == first.tokens
+  generate(graphdef, params, cfg, prompts[:1], SamplingConfig(max_new_tokens=6))
+  assert len(measured) == 4
+  for prompt, tokens in zip(prompts, first.tokens):
+    assert tokens == greedy_by_recomputation(model, prompt, 6)
 
 
 def test_prompts_of_many_lengths_share_one_compiled_prefill_and_decode_loop():

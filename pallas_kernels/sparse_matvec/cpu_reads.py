@@ -3,10 +3,10 @@ scattered into zeros (ops.dense_read), rather than row by row in its loop (issue
 
 Above batch 1 the kept rows of the B rows of x cover most of W (1 - 0.6^B of it at 40% kept: 87% at B = 4, 98% at
 B = 8), and the loop reads a row once per row of x that keeps it. Which read wins depends on the CPU. On an Intel
-Xeon (AVX-512) XLA's dense product of 8 rows ran at about a third of the rate of 1 row's, and the loop won at batch 8
+Xeon (AVX-512) XLA's dense product of 8 rows took 2.6 times as long as that of 1 row, and the loop won at batch 8
 (TinyLlama's gate|up at 1.65x the dense product) except for k and v, too narrow for a loop step's fixed cost (q|k|v
-at 0.67x in the loop, 1.14x with k and v read whole). On an AMD EPYC (Zen 4, AVX-512) the dense product of 8 rows
-ran at 0.74 of the rate of 1 row's, and the loop lost (q|k|v at 0.73x).
+at 0.67x in the loop, 1.14x with k and v read whole). On an AMD EPYC (Zen 5, AVX-512) the dense product of 8 rows
+took 1.34 times as long as that of 1 row, and the loop lost (q|k|v at 0.73x; every W read whole ran fastest).
 
 So where a program is traced under `measuring()` (decode.generate does so when its weights are on the CPU), each
 call shape times its candidate reads once, on copies of its Ws (MEASURE_BYTES in all, so that rows come from memory

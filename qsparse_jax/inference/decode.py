@@ -173,11 +173,12 @@ def generate(graphdef, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]
   The prompts are right-padded to a power-of-two bucket and the KV cache sized to one, so requests within a bucket
   reuse one compiled prefill and one compiled decode loop. With the weights on the CPU, the first decode loop of a
   batch above 1 times once per projection shape how the sparse path reads W (pallas_kernels.sparse_matvec.cpu_reads:
-  kept rows in a loop, or W whole), a few seconds per shape, kept for the process.
+  kept rows in a loop, or W whole), about a second per shape, kept for the process.
   """
   check_request(cfg, prompts, sampling, decode_text=decode_text)
   graphdef, params = with_ternary_scales(graphdef, params, cfg)
-  on_cpu = all(device.platform == "cpu" for leaf in jax.tree.leaves(params) for device in leaf.devices())
+  on_cpu = all(device.platform == "cpu" for leaf in jax.tree.leaves(params) if isinstance(leaf, jax.Array)
+               for device in leaf.devices())
   with cpu_reads.measuring(on_cpu):  # the CPU picks its batched reads by a measurement at first use
     return _generate(graphdef, params, cfg, prompts, sampling, decode_text=decode_text, sparse=sparse,
                      on_tokens=on_tokens)
