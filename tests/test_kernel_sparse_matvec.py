@@ -148,6 +148,15 @@ def test_narrow_weights_read_dense_above_batch_1_sum_the_same(b):
   for y, w_dn in zip(ys, (w, w[:, :64], ternary, codes, w[:, :65])):
     np.testing.assert_allclose(np.asarray(y), np_sparse_matvec(values, indices, w_dn), **TOLERANCE[jnp.float32])
   assert cpu_reads.narrow_dense_reads(8, (w, w[:, :64].astype(jnp.bfloat16)), (None, None)) == (False, False)
+  # x ⊙ M handed over as sparse_bd is what a whole read multiplies: twice the entries there show which Ws read it
+  sparse = np.zeros((b, 300), np.float32)
+  np.put_along_axis(sparse, np.asarray(indices), 2 * np.asarray(values), axis=1)
+  ys = sparse_matvecs(values, indices, ws, backend="xla", ternary_scales=scales, sparse_bd=jnp.asarray(sparse))
+  for y, w_dn, whole in zip(ys, (w, w[:, :64], ternary, codes, w[:, :65]), (False, b > 1, False, False, False)):
+    np.testing.assert_allclose(np.asarray(y), (1 + whole) * np_sparse_matvec(values, indices, w_dn),
+                               **TOLERANCE[jnp.float32])
+  with pytest.raises(ValueError, match=r"sparse_bd must be x ⊙ M \[B, D\]"):
+    sparse_matvecs(values, indices, ws, backend="xla", ternary_scales=scales, sparse_bd=jnp.asarray(sparse[:, :299]))
 
 
 def test_reads_measured_at_first_use_are_kept_and_sum_the_same(monkeypatch):

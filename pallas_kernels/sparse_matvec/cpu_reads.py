@@ -68,7 +68,7 @@ def choose(values_bk, ws_dn, scales, *, matvecs: Callable, small: bool) -> tuple
   """Per W, whether the CPU path reads it whole. Under `measuring()`, for a call above batch 1 that is not small,
   the fastest of `candidates` by `measure` (once per shape for the process); else `narrow_dense_reads`.
 
-  matvecs(values_bk, indices_bk, ws_dn, scales, dense_reads=...) runs the CPU path (jitted)."""
+  matvecs(values_bk, indices_bk, ws_dn, scales, sparse_bd, dense_reads=...) runs the CPU path (jitted)."""
   batch, k = values_bk.shape
   options = candidates(batch, ws_dn, scales)
   if not _MEASURING.get() or small or len(options) == 1:
@@ -93,24 +93,25 @@ def measure(batch: int, k: int, ws_dn, scales, options, matvecs: Callable) -> li
   indices_bk = jnp.asarray(np.sort(rng.permuted(np.tile(np.arange(input_d), (batch, 1)), axis=1)[:, :k], axis=1),
                            jnp.int32)
   values_bk = jnp.asarray(rng.standard_normal((batch, k)), jnp.float32)
+  sparse_bd = jnp.zeros((batch, input_d), jnp.float32).at[jnp.arange(batch)[:, None], indices_bk].set(values_bk)
   stacks = tuple(jnp.ones((copies, *w.shape), w.dtype) for w in ws_dn)
   unit_scales = tuple(None if s is None else jnp.float32(1) for s in scales)
 
   def timed(dense_reads):
-    def over_copies(values, indices, stacks):
+    def over_copies(values, indices, sparse_bd, stacks):
       def body(total, ws):
-        ys = matvecs(values, indices, ws, unit_scales, dense_reads=dense_reads)
+        ys = matvecs(values, indices, ws, unit_scales, sparse_bd, dense_reads=dense_reads)
         return total + sum(y.sum() for y in ys), None
       return lax.scan(body, jnp.float32(0), stacks)[0]
     return jax.jit(over_copies)
 
   runs = [timed(option) for option in options]
   for run in runs:
-    jax.block_until_ready(run(values_bk, indices_bk, stacks))
+    jax.block_until_ready(run(values_bk, indices_bk, sparse_bd, stacks))
   seconds = [[] for _ in runs]
   for _ in range(MEASURE_ROUNDS):
     for run, times in zip(runs, seconds):
       start = time.perf_counter()
-      jax.block_until_ready(run(values_bk, indices_bk, stacks))
+      jax.block_until_ready(run(values_bk, indices_bk, sparse_bd, stacks))
       times.append(time.perf_counter() - start)
   return [float(np.median(times)) for times in seconds]

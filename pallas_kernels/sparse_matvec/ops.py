@@ -113,13 +113,20 @@ def kept_indices(mask_bd: jax.Array, k: int) -> jax.Array:
   return jnp.zeros((b, k), jnp.int32).at[rows_bd, slot_bd].set(positions_bd, mode="drop")
 
 
-def topk_values_indices(x_bd: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """The K largest-|x| entries of each row as (values [B, K], indices [B, K] ascending): Topk(|x|) of method.md
-  Eq. 2 in gathered form (exact, ties to the lower index, as qsparse_jax.topk_mask)."""
+def topk_entries(x_bd: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The K largest-|x| entries of each row as (values [B, K], indices [B, K] ascending, mask M [B, D]): Topk(|x|) of
+  method.md Eq. 2 in gathered form and as the mask (exact, ties to the lower index, as qsparse_jax.topk_mask)."""
   if x_bd.ndim != 2 or not 0 < k <= x_bd.shape[1]:
     raise ValueError(f"expected x [B, D] and 0 < k <= D, got shape {x_bd.shape} and k={k}")
-  indices_bk = kept_indices(mask_from_thresholds(x_bd, *row_thresholds(x_bd, k)), k)
-  return jnp.take_along_axis(x_bd, indices_bk, axis=1), indices_bk
+  mask_bd = mask_from_thresholds(x_bd, *row_thresholds(x_bd, k))
+  indices_bk = kept_indices(mask_bd, k)
+  return jnp.take_along_axis(x_bd, indices_bk, axis=1), indices_bk, mask_bd
+
+
+def topk_values_indices(x_bd: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(values [B, K], indices [B, K]) of topk_entries."""
+  values_bk, indices_bk, _ = topk_entries(x_bd, k)
+  return values_bk, indices_bk
 
 
 def _check(values_bk, indices_bk, w_dn):
@@ -180,22 +187,26 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
   return -(-per_row // group), group
 
 
-def dense_read(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array) -> jax.Array:
-  """float32 [B, N] = (x ⊙ M) W as a dense product: the kept entries scattered into zeros [B, D], times all of W."""
-  b = values_bk.shape[0]
-  x_bd = jnp.zeros((b, w_dn.shape[0]), jnp.float32).at[jnp.arange(b)[:, None], indices_bk].add(
-      values_bk.astype(jnp.float32), mode="promise_in_bounds")
-  return jnp.dot(x_bd, w_dn.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+def dense_read(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array, sparse_bd: jax.Array | None = None
+               ) -> jax.Array:
+  """float32 [B, N] = (x ⊙ M) W as a dense product, times all of W: x ⊙ M is sparse_bd where given, else the kept
+  entries scattered into zeros [B, D]."""
+  if sparse_bd is None:
+    b = values_bk.shape[0]
+    sparse_bd = jnp.zeros((b, w_dn.shape[0]), jnp.float32).at[jnp.arange(b)[:, None], indices_bk].add(
+        values_bk.astype(jnp.float32), mode="promise_in_bounds")
+  return jnp.dot(sparse_bd.astype(jnp.float32), w_dn.astype(jnp.float32), precision=lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "dense_reads"))
-def _cpu_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, *, plan: tuple[int, int],
-                        dense_reads: tuple[bool, ...]) -> tuple:
-  """The CPU path: the Ws marked in dense_reads (cpu_reads.choose) as dense_read, the others in one row loop."""
+def _cpu_sparse_matvecs(values_bk, indices_bk, ws_dn: tuple, scales: tuple, sparse_bd=None, *,
+                        plan: tuple[int, int], dense_reads: tuple[bool, ...]) -> tuple:
+  """The CPU path: the Ws marked in dense_reads (cpu_reads.choose) as dense_read, the others in one row loop. Where
+  every W is read whole and sparse_bd is given, the kept entries are not used (XLA drops what computed them)."""
   looped = [n for n, dense in enumerate(dense_reads) if not dense]
   ys = dict(zip(looped, _xla_sparse_matvecs(values_bk, indices_bk, tuple(ws_dn[n] for n in looped),
                                             tuple(scales[n] for n in looped), plan=plan) if looped else ()))
-  return tuple(ys[n] if n in ys else dense_read(values_bk, indices_bk, w) for n, w in enumerate(ws_dn))
+  return tuple(ys[n] if n in ys else dense_read(values_bk, indices_bk, w, sparse_bd) for n, w in enumerate(ws_dn))
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -273,8 +284,8 @@ def sparse_matvec(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array, 
 
 
 def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backend: str = "auto",
-                   plan: tuple[int, int] | None = None, block_sizes=None, ternary_scales=None
-                   ) -> tuple[jax.Array, ...]:
+                   plan: tuple[int, int] | None = None, block_sizes=None, ternary_scales=None,
+                   sparse_bd: jax.Array | None = None) -> tuple[jax.Array, ...]:
   """(x ⊙ M) W for each W [D, N_w] in ws_dn, the projections that read one sparsified input (q, k and v; gate and
   up). The CPU fast path streams the selected row of every W in one pass; the kernel runs once per W.
 
@@ -283,6 +294,8 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   A uint8 W is packed ternary codes [D/4, N] (pack_ternary): y is Σ_j v_j codes[i_j] unscaled, on the XLA path only.
   Above batch 1 the CPU path may read a float32 W whole, as the dense product of the scattered kept entries: by a
   rule, or by a measurement at first use within cpu_reads.measuring() (see cpu_reads).
+  sparse_bd: optionally x ⊙ M [B, D] itself, the input the kept entries come from (topk_entries' mask times x), which
+  whole-W reads multiply instead of scattering the entries.
 
   plan: (groups, group), the kept entries per row of x in each step of the XLA path (default: cpu_loop_plan in a
     program compiled for the CPU, (1, DEVICE_ROWS_PER_STEP) in one compiled for a GPU or TPU).
@@ -295,6 +308,9 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
     _check(values_bk, indices_bk, w_dn)
   if len({input_size(w) for w in ws_dn}) != 1:
     raise ValueError(f"every W must have the same input size D, got shapes {[w.shape for w in ws_dn]}")
+  if sparse_bd is not None and sparse_bd.shape != (values_bk.shape[0], input_size(ws_dn[0])):
+    raise ValueError(f"sparse_bd must be x ⊙ M [B, D] = {(values_bk.shape[0], input_size(ws_dn[0]))}, "
+                     f"got shape {sparse_bd.shape}")
   row_bytes = 4 * max(w.shape[1] for w in ws_dn)
   if plan is None:
     # rows sized by their float32 width whatever W's dtype: a step's code is N float32 sums per row read, and packed
@@ -327,7 +343,7 @@ def sparse_matvecs(values_bk: jax.Array, indices_bk: jax.Array, ws_dn, *, backen
   def xla(v, i, ws):  # the CPU's plan and dense reads where the program is compiled for the CPU, one loop elsewhere
     dense_reads = cpu_reads.choose(v, ws, scales, matvecs=functools.partial(_cpu_sparse_matvecs, plan=cpu_plan),
                                    small=is_small_call(min(v.shape[0], MAX_PARTS), v.shape[1], row_bytes))
-    cpu = lambda *args: _cpu_sparse_matvecs(*args, scales, plan=cpu_plan, dense_reads=dense_reads)
+    cpu = lambda *args: _cpu_sparse_matvecs(*args, scales, sparse_bd, plan=cpu_plan, dense_reads=dense_reads)
     device = lambda *args: _xla_sparse_matvecs(*args, scales, plan=device_plan)
     if cpu_plan == device_plan and not any(dense_reads):
       return device(v, i, ws)

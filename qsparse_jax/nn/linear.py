@@ -66,10 +66,12 @@ def _sparsify_rows(x: jax.Array, site: SparsityConfig, kernels: str) -> jax.Arra
 
 
 class Kept(NamedTuple):
-  """A top-K sparsified input with one token per row, as its kept entries: values [B, K] at indices [B, K]."""
+  """A top-K sparsified input with one token per row, as its kept entries, values [B, K] at indices [B, K], and as
+  sparse [B, D] = x ⊙ M (what the CPU path multiplies where it reads a W whole; unused, XLA drops it)."""
 
   values: jax.Array
   indices: jax.Array
+  sparse: jax.Array
 
 
 class SiteInput(NamedTuple):
@@ -94,10 +96,11 @@ def keep_entries(x_bd: jax.Array, site: SparsityConfig) -> Kept | None:
   k = keep_count(d, site.sparsity)
   if not 0 < k < d or site.block is not None or site.l2_rescale:
     return None
-  values, indices = smv_ops.topk_values_indices(x_bd, k)
+  values, indices, mask = smv_ops.topk_entries(x_bd, k)
   if site.act_bits is not None:
-    values = jnp.take_along_axis(quantize_activations(x_bd, site.act_bits), indices, axis=-1)
-  return Kept(values, indices)
+    x_bd = quantize_activations(x_bd, site.act_bits)
+    values = jnp.take_along_axis(x_bd, indices, axis=-1)
+  return Kept(values, indices, jnp.where(mask, x_bd, jnp.zeros_like(x_bd)))
 
 
 # Name of the [zeros, entries] count a SparseLinear sows for nnx.capture(..., nnx.Intermediate): how many entries of
@@ -346,8 +349,9 @@ def project_kept(kept: Kept, *layers: SparseLinear) -> tuple[jax.Array, ...]:
   dtype = layers[0].dtype or kept.values.dtype
   kernels = tuple(l.kernel[...] for l in layers)
   scales = tuple(_ternary_scale(l) if l.ternary_weights else None for l in layers)
-  values = kept.values.astype(jnp.promote_types(kept.values.dtype, kernels[0].dtype))
-  ys = smv_ops.sparse_matvecs(values, kept.indices, kernels, backend=layers[0].kernels, ternary_scales=scales)
+  compute = jnp.promote_types(kept.values.dtype, kernels[0].dtype)
+  ys = smv_ops.sparse_matvecs(kept.values.astype(compute), kept.indices, kernels, backend=layers[0].kernels,
+                              ternary_scales=scales, sparse_bd=kept.sparse.astype(compute))
   return tuple((y if l.bias is None else y + l.bias[...].astype(y.dtype)).astype(dtype) for y, l in zip(ys, layers))
 
 
