@@ -39,7 +39,9 @@ from jax import lax
 
 # Bytes of int32 keys per row block on the CPU (32 rows of 4096): a block and the sums a counting pass writes stay in
 # a core's L2. Measured at T = D = 4096 on an Intel Xeon (AVX-512, 2 MiB of L2 per core): 16, 32, 64 and 128 rows
-# took 91, 68, 79 and 88 ms.
+# took 91, 68, 79 and 88 ms. Blocks are a power of two rows of at least this many bytes: XLA:CPU splits a pass
+# between two threads only from 512 KiB (256 KiB each, see pallas_kernels.sparse_matvec.ops), and rows of 1344
+# in blocks of 64 (344 KiB) ran on one core: [2048, 1344] took 7.2 ms against 4.7 with 128 rows (AMD EPYC Zen 5).
 CPU_BLOCK_BYTES = 512 * 1024
 
 
@@ -235,8 +237,9 @@ def _block_thresholds(x_rd, k: int, zero_bits: int, exact_zero_ties: bool):
 
 
 def _rows_per_block(num_rows: int, dim: int) -> int:
-  rows = max(8, CPU_BLOCK_BYTES // (4 * dim))
-  return min(num_rows, 1 << (rows.bit_length() - 1))
+  """The fewest rows, a power of two and at least 8, whose keys fill CPU_BLOCK_BYTES (at most num_rows)."""
+  rows = max(8, -(-CPU_BLOCK_BYTES // (4 * dim)))
+  return min(num_rows, 1 << (rows - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=("k", "exact_zero_ties"))
