@@ -67,7 +67,8 @@ def _sparsify_rows(x: jax.Array, site: SparsityConfig, kernels: str) -> jax.Arra
 
 class Kept(NamedTuple):
   """A top-K sparsified input with one token per row, as its kept entries, values [B, K] at indices [B, K], and as
-  sparse [B, D] = x ⊙ M (what the CPU path multiplies where it reads a W whole; unused, XLA drops it)."""
+  sparse [B, D] = x ⊙ M, which the CPU path multiplies where it reads a W whole (where nothing reads it, XLA drops
+  it)."""
 
   values: jax.Array
   indices: jax.Array
