@@ -189,13 +189,13 @@ def cpu_loop_plan(batch: int, k: int, row_bytes: int) -> tuple[int, int]:
 
 def dense_read(values_bk: jax.Array, indices_bk: jax.Array, w_dn: jax.Array, sparse_bd: jax.Array | None = None
                ) -> jax.Array:
-  """float32 [B, N] = (x ⊙ M) W as a dense product, times all of W: x ⊙ M is sparse_bd where given, else the kept
-  entries scattered into zeros [B, D]."""
+  """float32 [B, N] = (x ⊙ M) W as a dense product, times all of W (float32: cpu_reads.dense_readable): x ⊙ M is
+  sparse_bd where given, else the kept entries scattered into zeros [B, D]."""
   if sparse_bd is None:
     b = values_bk.shape[0]
     sparse_bd = jnp.zeros((b, w_dn.shape[0]), jnp.float32).at[jnp.arange(b)[:, None], indices_bk].add(
         values_bk.astype(jnp.float32), mode="promise_in_bounds")
-  return jnp.dot(sparse_bd.astype(jnp.float32), w_dn.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+  return jnp.dot(sparse_bd.astype(jnp.float32), w_dn, precision=lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "dense_reads"))
