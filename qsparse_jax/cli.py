@@ -400,6 +400,21 @@ def _say(line: str) -> None:
   sys.stderr.flush()
 
 
+def _say_last(line: str) -> None:
+  """One line to stderr as the process's last word: from here on what other threads write to stderr goes nowhere,
+  so none of it lands in the middle of the line."""
+  try:
+    sys.stderr.flush()
+  except OSError:
+    pass
+  real = os.dup(2)
+  null = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  os.close(null)
+  os.write(real, (line + "\n").encode())
+  os.close(real)
+
+
 def _run_reporting_errors(args) -> int:
   """_run, with every failure the library can name printed as one line (exit 2 for bad input, 1 for a failed
   save) instead of a traceback."""
@@ -409,10 +424,11 @@ def _run_reporting_errors(args) -> int:
     _say(f"qsparse {args.command}: error: {err}")
     return 2
   except OSError as err:  # a full disk during a save (CheckpointSaveError says which checkpoint is intact)
-    _say(f"qsparse {args.command}: error: {err}")
-    # The failed save's abandoned asyncio tasks would log tracebacks while the interpreter shuts down; everything
-    # of ours is closed, so leave without that teardown.
+    # The failed save's abandoned asyncio tasks may still be printing tracebacks from their own threads, a piece at
+    # a time, and would log more while the interpreter shuts down. Everything of ours is closed: silence their
+    # stderr, say what failed on the real one, and leave without that teardown.
     sys.stdout.flush()
+    _say_last(f"qsparse {args.command}: error: {err}")
     os._exit(1)
   except KeyboardInterrupt:
     _say(f"qsparse {args.command}: interrupted; the last checkpoint is kept")

@@ -284,8 +284,16 @@ class Checkpointer:
   def close(self):
     try:
       self.wait()
-    finally:
-      self._manager.close()
+    except CheckpointSaveError:
+      # The failed save's threads are still being torn down, each printing a traceback for the one failure the
+      # error names: hold those back too.
+      try:
+        with _stderr_kept_on_success(replay=False):
+          self._manager.close()
+      except Exception:  # noqa: BLE001 (the save error says what failed)
+        pass
+      raise
+    self._manager.close()
 
 
 _ABANDONED_READ_ERRORS = ("Event loop is closed", "Encountered error while reading array index")
@@ -328,11 +336,13 @@ def _everywhere(ok: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _stderr_kept_on_success():
-  """Hold back what is written to file descriptor 2 meanwhile; replay it unless the block raises.
+def _stderr_kept_on_success(replay: bool = True):
+  """Hold back what is written to file descriptor 2 meanwhile; replay it unless the block raises (or replay=False).
 
   When a write (or a read) fails, TensorStore's remaining callbacks print one "Event loop is closed" traceback each
   from their own threads as Orbax tears the operation down; the error raised instead says what happened, once.
+  The held file may be on the disk the failed save filled: what it cannot take is dropped, and file descriptor 2 is
+  given back whatever happens.
   """
   sys.stderr.flush()
   saved = os.dup(2)
@@ -343,10 +353,13 @@ def _stderr_kept_on_success():
       yield
       failed = False
     finally:
-      sys.stderr.flush()
+      try:
+        sys.stderr.flush()
+      except OSError:
+        pass
       os.dup2(saved, 2)
       os.close(saved)
-      if not failed:
+      if replay and not failed:
         held.seek(0)
         sys.stderr.write(held.read().decode(errors="replace"))
         sys.stderr.flush()
