@@ -289,3 +289,36 @@ def test_suspicious_inputs_warn_in_one_line(reference, tmp_path):
   assert resumed.stderr.strip().splitlines()[-1] == (
       f"qsparse train: warning: the data changed since the checkpoint in {tmp_path / 'a'} (data.paths was "
       f"[{str(binary)!r}, {str(latin)!r}], now [{str(latin)!r}]): the data stream starts from its beginning")
+
+
+def test_abandoned_read_reports_are_dropped_on_every_path_and_nothing_else_is():
+  # What a failed restore's other reads print from their own threads, by each route Python has for it, beside
+  # failures of other kinds that must still be shown.
+  script = textwrap.dedent("""
+      import asyncio, logging, sys, threading
+      from qsparse_jax.training.checkpoint import _silence_abandoned_reads
+      _silence_abandoned_reads()
+      def fail(message):
+        raise RuntimeError(message)
+      for message in ("Event loop is closed", "kept: thread"):
+        thread = threading.Thread(target=fail, args=(message,)); thread.start(); thread.join()
+      class Dropped:  # an exception in __del__ goes to sys.unraisablehook
+        def __init__(self, message):
+          self.message = message
+        def __del__(self):
+          fail(self.message)
+      for message in ("Encountered error while reading array index 3", "kept: unraisable"):
+        Dropped(message)
+      logging.basicConfig()
+      for message in ("Event loop is closed", "kept: logged"):
+        try:
+          fail(message)
+        except RuntimeError:
+          logging.getLogger("asyncio").exception("Exception in callback")
+      fail("kept: main")
+      """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert "Event loop is closed" not in result.stderr and "array index" not in result.stderr, result.stderr
+  for kept in ("thread", "unraisable", "logged", "main"):
+    assert f"RuntimeError: kept: {kept}" in result.stderr, result.stderr

@@ -20,6 +20,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -177,13 +178,12 @@ class Checkpointer:
     targets = {k: ocp.utils.to_shape_dtype_struct(v) if not isinstance(v, jax.ShapeDtypeStruct) else v
                for k, v in expected.items()}
     try:
+      # In place before any read can fail: once one does, the others' reports start at once, on their own threads,
+      # and may outlast the hold on stderr.
+      _silence_abandoned_reads()
       with _stderr_kept_on_success():
-        try:
-          restored = self._manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(targets), meta=ocp.args.JsonRestore()))
-        except Exception:
-          _silence_abandoned_reads()  # before stderr is given back: the other reads are still finishing
-          raise
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(targets), meta=ocp.args.JsonRestore()))
     except Exception as err:  # noqa: BLE001
       raise CheckpointRestoreError(f"checkpoint {where} cannot be restored: {_reason(err)}") from err
     return unflatten_like(abstract_state, restored["state"]), restored["meta"]
@@ -302,8 +302,10 @@ _ABANDONED_READ_ERRORS = ("Event loop is closed", "Encountered error while readi
 def _silence_abandoned_reads() -> None:
   """After a failed restore, TensorStore keeps finishing the other reads of that restore on its own threads and
   reports each to Orbax's event loop, closed by then: a traceback apiece ("Event loop is closed", "Encountered error
-  while reading array index"), printed through sys.excepthook, sys.unraisablehook or asyncio's logger, for a failure
-  already reported once. From the first failed restore on, those drop exactly these; anything else passes through."""
+  while reading array index"), printed through sys.excepthook, threading.excepthook, sys.unraisablehook or asyncio's
+  logger, for a failure already reported once. From the first restore on, those drop exactly these; anything else
+  passes through. Installed before the restore, not after it fails: a report that starts before the error reaches
+  the caller would otherwise be printed half held back, half not."""
   if getattr(sys.excepthook, "_qsparse_filter", False):
     return
 
@@ -314,7 +316,7 @@ def _silence_abandoned_reads() -> None:
     return not (record.exc_info and abandoned(record.exc_info[1]))
 
   logging.getLogger("asyncio").addFilter(log_filter)
-  previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+  previous_except, previous_unraisable, previous_thread = sys.excepthook, sys.unraisablehook, threading.excepthook
 
   def excepthook(kind, value, traceback):
     if not abandoned(value):
@@ -324,8 +326,12 @@ def _silence_abandoned_reads() -> None:
     if not abandoned(unraisable.exc_value):
       previous_unraisable(unraisable)
 
+  def thread_excepthook(args):
+    if not abandoned(args.exc_value):
+      previous_thread(args)
+
   excepthook._qsparse_filter = True
-  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  sys.excepthook, sys.unraisablehook, threading.excepthook = excepthook, unraisablehook, thread_excepthook
 
 
 def _everywhere(ok: bool) -> bool:
