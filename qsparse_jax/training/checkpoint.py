@@ -113,6 +113,9 @@ class Checkpointer:
                read_only: bool = False):
     self.directory = pathlib.Path(directory).expanduser().absolute()
     self.read_only = read_only
+    # In place before any read can fail: once one does, the others' reports start at once, on their own threads,
+    # and may outlast the hold on stderr.
+    _silence_abandoned_reads()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=not read_only,
                                            read_only=read_only, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
@@ -178,9 +181,6 @@ class Checkpointer:
     targets = {k: ocp.utils.to_shape_dtype_struct(v) if not isinstance(v, jax.ShapeDtypeStruct) else v
                for k, v in expected.items()}
     try:
-      # In place before any read can fail: once one does, the others' reports start at once, on their own threads,
-      # and may outlast the hold on stderr.
-      _silence_abandoned_reads()
       with _stderr_kept_on_success():
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(targets), meta=ocp.args.JsonRestore()))
@@ -303,9 +303,9 @@ def _silence_abandoned_reads() -> None:
   """After a failed restore, TensorStore keeps finishing the other reads of that restore on its own threads and
   reports each to Orbax's event loop, closed by then: a traceback apiece ("Event loop is closed", "Encountered error
   while reading array index"), printed through sys.excepthook, threading.excepthook, sys.unraisablehook or asyncio's
-  logger, for a failure already reported once. From the first restore on, those drop exactly these; anything else
-  passes through. Installed before the restore, not after it fails: a report that starts before the error reaches
-  the caller would otherwise be printed half held back, half not."""
+  logger, for a failure already reported once. From the first Checkpointer on, those drop exactly these; anything
+  else passes through. Installed before any read, not after one fails: a report that starts before the error
+  reaches the caller would otherwise be printed half held back, half not."""
   if getattr(sys.excepthook, "_qsparse_filter", False):
     return
 
